@@ -1,0 +1,233 @@
+"""GPT-2 as a Hugging Face model: pre-LN transformer, learned positions, tanh-GELU, lm_head tied to wte.
+
+The parameter names are nanoGPT's and GPT2LMHeadModel's (`transformer.h.0.attn.c_attn.weight`, ...), so OpenAI's
+weights load after transposing the four Conv1D matrices (see `gpt2custom/convert.py`).
+
+This file travels to the Hub as remote code: it imports only torch and transformers.
+
+    model = GPT2CustomForCausalLM(GPT2CustomConfig.from_preset("gpt2"))
+    out = model(input_ids, labels=input_ids)             # out.loss, out.logits
+    model.generate(input_ids, max_new_tokens=32)          # KV cache through DynamicCache
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+
+try:  # inside transformers_modules.<repo>.<hash>, loaded with trust_remote_code
+    from .configuration_gpt2custom import GPT2CustomConfig
+except ImportError:  # flat checkout: `python pretrain.py`, `accelerate launch pretrain.py`
+    from configuration_gpt2custom import GPT2CustomConfig
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax(QK^T)V; the reference the fused kernels are tested against. q, k, v are (B, H, T, D)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:  # the additive float mask that create_causal_mask builds for eager
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class GPT2CustomAttention(nn.Module):
+    def __init__(self, config: GPT2CustomConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.n_embd // config.n_head
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True  # read by the sdpa / flash kernels
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query, key, value = self.c_attn(hidden_states).split(self.config.n_embd, dim=-1)
+        query = query.view(hidden_shape).transpose(1, 2)
+        key = key.view(hidden_shape).transpose(1, 2)
+        value = value.view(hidden_shape).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.resid_dropout(self.c_proj(attn_output))
+
+
+class GPT2CustomMLP(nn.Module):
+    def __init__(self, config: GPT2CustomConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class GPT2CustomBlock(GradientCheckpointingLayer):
+    def __init__(self, config: GPT2CustomConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = GPT2CustomAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = GPT2CustomMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class GPT2CustomPreTrainedModel(PreTrainedModel):
+    config_class = GPT2CustomConfig
+    config: GPT2CustomConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPT2CustomBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear/Embedding N(0, 0.02), zero biases, LayerNorm (1, 0)
+        # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 residual additions per block.
+        if isinstance(module, (GPT2CustomAttention, GPT2CustomMLP)):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+
+
+class GPT2CustomModel(GPT2CustomPreTrainedModel):
+    """The backbone: embeddings, blocks, final LayerNorm. Returns hidden states (TRL calls it as `base_model`)."""
+
+    def __init__(self, config: GPT2CustomConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([GPT2CustomBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,  # the 4.x name, still sent by older callers
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:  # a cache only helps decoding; training pays nothing for it
+            use_cache = self.config.use_cache and not self.training
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        seq_len = inputs_embeds.shape[1]
+        if past + seq_len > self.config.block_size:
+            raise ValueError(
+                f"input of {past + seq_len} tokens ({past} cached + {seq_len} new) is longer than the context: "
+                f"expected at most block_size={self.config.block_size}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        # None for sdpa/flash without padding, so the kernels take their is_causal fast path.
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        for block in self.h:
+            hidden_states = block(hidden_states, mask, cache, position_ids=position_ids, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache if use_cache else None)
+
+
+class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2CustomConfig):
+        super().__init__(config)
+        self.transformer = GPT2CustomModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` are shifted inside the loss (-100 ignored); `shift_labels=` (in kwargs) passes targets that
+        are already shifted, as the pretraining loader yields them."""
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+GPT2CustomForCausalLM.register_for_auto_class("AutoModelForCausalLM")

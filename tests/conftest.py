@@ -1,0 +1,71 @@
+"""Fixtures shared by the tests: the offline tokenizer, tiny models, real text."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+
+def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
+    """Run a Python script or module of the repo in a fresh process; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from gpt2custom.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+def make_tiny_model(seed=0, **overrides):
+    """A tiny random GPT2Custom model whose outputs vary with the input (init std raised from 0.02)."""
+    from configuration_gpt2custom import GPT2CustomConfig
+    from modeling_gpt2custom import GPT2CustomForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPT2CustomConfig.from_preset("tiny", **{"initializer_range": 0.2, **overrides})
+    return GPT2CustomForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A saved tiny model folder (weights, config with auto_map, model code, tokenizer)."""
+    from gpt2custom.checkpoints import save_model_folder
+
+    out = tmp_path_factory.mktemp("tiny_checkpoint")
+    save_model_folder(make_tiny_model(), out, tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_text() -> str:
+    """About 1 MB of real English: tinyshakespeare when ../shared is there, else Python's own docs/sources."""
+    if SHARED_TEXT.exists():
+        return SHARED_TEXT.read_text(encoding="utf-8")
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+        if size > 1_000_000:
+            break
+    return "\n".join(parts)
