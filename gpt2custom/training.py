@@ -1,0 +1,85 @@
+"""The pretraining step, shared by pretrain.py and bench/bench_train.py so the benchmark times the real thing.
+
+Optimizers follow the seed: AdamW (0.9, 0.95), weight decay on 2-D weights only, fused on CUDA. The Muon option
+orthogonalises the updates of the 2-D hidden weights (attention and MLP matrices) and leaves embeddings, biases and
+norms to AdamW, as modded-nanogpt does; `adjust_lr_fn="match_rms_adamw"` scales Muon's update to AdamW's RMS, so both
+share one learning rate and one schedule.
+"""
+
+from contextlib import nullcontext
+
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+
+def build_optimizers(
+    model: torch.nn.Module,
+    *,
+    optimizer: str = "adamw",
+    lr: float = 6e-4,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+    muon_momentum: float = 0.95,
+) -> list[torch.optim.Optimizer]:
+    """One optimizer (AdamW) or two (Muon for hidden matrices + AdamW for the rest)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied lm_head appears once
+    if optimizer == "adamw":
+        muon_params = []
+    elif optimizer == "muon":
+        # 2-D weights inside the blocks; wte (= lm_head) and wpe are embeddings, Muon is not meant for them.
+        muon_params = [p for n, p in named if p.dim() == 2 and ".h." in f".{n}"]
+    else:
+        raise ValueError(f"optimizer={optimizer!r}: expected 'adamw' or 'muon'")
+    muon_ids = {id(p) for p in muon_params}
+    rest = [(n, p) for n, p in named if id(p) not in muon_ids]
+    groups = [
+        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0},  # biases and LayerNorms
+    ]
+    if fused is None:
+        fused = all(p.is_cuda for _, p in named)
+    optimizers = [torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)]
+    if muon_params:
+        optimizers.insert(
+            0,
+            torch.optim.Muon(
+                muon_params, lr=lr, weight_decay=weight_decay, momentum=muon_momentum, adjust_lr_fn="match_rms_adamw"
+            ),
+        )
+    return optimizers
+
+
+def build_schedulers(optimizers, *, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1):
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak at `max_steps` (the seed: 715, 19073, 0.1)."""
+    return [
+        get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio
+        )
+        for opt in optimizers
+    ]
+
+
+def train_step(model, next_batch, optimizers, schedulers, accelerator, *, grad_accum: int, grad_clip: float | None):
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as device tensors.
+
+    Gradients are all-reduced only on the last micro-step (`no_sync` before it), so DDP costs one all-reduce per
+    optimizer step. Nothing here syncs with the host: the caller decides when to read the loss.
+    """
+    loss_sum = None
+    for micro_step in range(grad_accum):
+        x, y = next_batch()
+        last = micro_step == grad_accum - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss = model(input_ids=x, shift_labels=y).loss / grad_accum
+            accelerator.backward(loss)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    for opt in optimizers:
+        opt.step()
+    for sched in schedulers:
+        sched.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
