@@ -45,7 +45,9 @@ def bpe_files_dir() -> Path:
 def load_tokenizer(name_or_path: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
     """GPT-2's tokenizer: from the bundled BPE files when `name_or_path` is None, else from that Hub id or folder."""
     if name_or_path:
-        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        # Our checkpoint folders name their config class through auto_map: without trust_remote_code, AutoTokenizer
+        # would stop at an interactive [y/N] prompt.
+        return AutoTokenizer.from_pretrained(name_or_path, **{"trust_remote_code": True, **kwargs})
     tokenizer = GPT2TokenizerFast.from_pretrained(str(bpe_files_dir()), model_max_length=1024, **kwargs)
     assert tokenizer.eos_token_id == EOT_ID, tokenizer.eos_token_id
     return tokenizer

@@ -19,7 +19,8 @@ torch.set_num_threads(2)
 
 def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
     """Run a Python script or module of the repo in a fresh process; returns CompletedProcess (text)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # One thread per process: the suite runs several processes on 2 cores, and oversubscribed threads crawl.
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
