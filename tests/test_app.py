@@ -1,0 +1,173 @@
+"""app.py: the chat demo, in-process backends and the Gradio app as a separate process queried by gradio_client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import huggingface_hub.constants
+import pytest
+
+import app
+from app import ChatError, EndpointBackend, LocalBackend, build_messages
+from conftest import REPO, make_tiny_model
+from gpt2custom.checkpoints import save_model_folder
+from gpt2custom.hub import build_upload_folder
+
+FAKE_TOKEN = "hf_TESTSECRETappToken0123456789"
+GREEDY = {"max_new_tokens": 10, "temperature": 0.0, "top_p": 0.95, "do_sample": False}
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("app")
+    save_model_folder(make_tiny_model(seed=7), root / "ckpt", tokenizer)
+    return build_upload_folder(root / "ckpt", root / "published", repo_id="me/tiny-chat")
+
+
+class FakeEndpoint:
+    """An Inference Endpoint on 127.0.0.1: POST / runs a handler.py EndpointHandler like the Inference Toolkit does (a raised
+    exception becomes HTTP 400 {"error": ...}); every request's headers and body are kept."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                try:
+                    status, answer = 200, endpoint.handler(body)
+                except Exception as e:
+                    status, answer = 400, {"error": str(e)}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    return LocalBackend(str(folder))
+
+
+@pytest.fixture(scope="module")
+def endpoint(local):
+    fake = FakeEndpoint(local.handler)  # one model in memory serves both ways
+    yield fake
+    fake.server.shutdown()
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    # conftest puts the suite offline, and huggingface_hub's HTTP session then refuses every URL, even 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def test_build_messages_keeps_the_system_prompt_and_only_the_last_turns():
+    history = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": [{"type": "text", "text": "two"}]},  # gradio's multimodal form
+        {"role": "assistant", "content": "2"},
+    ]
+    assert build_messages("three", history, "Be brief.", max_history_turns=1) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "three"},
+    ]
+    assert build_messages("x", history, "", max_history_turns=0) == [{"role": "user", "content": "x"}]
+
+
+def test_endpoint_backend_posts_the_handler_request_with_the_token(endpoint, local, hub_online):
+    before = len(endpoint.requests)
+    answer = EndpointBackend(endpoint.url, token=FAKE_TOKEN)(MESSAGES, GREEDY)
+    headers, body = endpoint.requests[before]
+    assert body == {"inputs": MESSAGES, "parameters": GREEDY}
+    assert headers["authorization"] == f"Bearer {FAKE_TOKEN}"
+    expected = endpoint.handler({"inputs": MESSAGES, "parameters": GREEDY})[0]["generated_text"]
+    assert answer == expected
+    assert local(MESSAGES, GREEDY) == expected  # in-process gives the endpoint's answer
+
+
+def test_endpoint_refusal_reaches_the_user_as_a_chat_error(endpoint, hub_online):
+    too_long = [{"role": "user", "content": "word " * 400}]  # > the tiny model's 256-token context
+    with pytest.raises(ChatError, match="context is 256 tokens"):
+        EndpointBackend(endpoint.url)(too_long, GREEDY)
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "x", "--endpoint_url", "http://127.0.0.1:1/"]])
+def test_app_needs_exactly_one_of_model_or_endpoint(argv, monkeypatch):
+    monkeypatch.delenv("MODEL", raising=False)
+    monkeypatch.delenv("ENDPOINT_URL", raising=False)
+    with pytest.raises(SystemExit, match="exactly one of --model"):
+        app.main(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpoint, tmp_path):
+    from gradio_client import Client
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_TOKEN": FAKE_TOKEN,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    args = [
+        "--endpoint_url",
+        endpoint.url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--system_prompt",
+        "You are terse.",
+    ]
+    with open(tmp_path / "app.log", "w") as log:
+        demo = subprocess.Popen([sys.executable, REPO / "app.py", *args], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    try:
+        client, deadline = None, time.monotonic() + 120
+        while client is None:
+            assert demo.poll() is None, f"app.py exited:\n{(tmp_path / 'app.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "app.py did not start serving within 120 s"
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:  # not listening yet
+                time.sleep(0.5)
+        before = len(endpoint.requests)
+        reply = client.predict("Say hello.", "You are terse.", 10, 0.0, 0.95, api_name="/chat")
+    finally:
+        demo.terminate()
+        demo.wait(timeout=30)
+    headers, body = endpoint.requests[before]
+    assert body == {"inputs": MESSAGES, "parameters": GREEDY}
+    assert headers["authorization"] == f"Bearer {FAKE_TOKEN}"
+    assert reply == endpoint.handler(body)[0]["generated_text"]
+    assert FAKE_TOKEN not in (tmp_path / "app.log").read_text()
