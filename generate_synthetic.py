@@ -7,7 +7,7 @@ user message about a topic (self-instruct style), then answers it.
 
 Outputs, beside `--output x.jsonl`:
     x.jsonl               {"messages": [...], "model", "prompt_id", "response_index", "finish_reason", "usage",
-                           "rejected"}: one row per answer, appended whole and fsync'ed as it arrives
+                           "rejection"}: one row per answer, appended whole and fsync'ed as it arrives
     x.rejected.jsonl      answers that failed validation (empty, truncated, refusal) with --invalid drop
     x.failed.jsonl        prompts that still failed after --max_attempts (latest run only; the next run retries them)
     x.instructions.jsonl  stage-1 user turns from seed topics, so a resumed run does not pay for them again
@@ -98,7 +98,7 @@ class SyntheticOptions:
     # Validation
     reject_truncated: bool = field(default=True, metadata={"help": "reject answers cut by max_tokens (finish_reason length)"})
     reject_refusals: bool = field(default=True, metadata={"help": "reject answers that open like a refusal"})
-    invalid: str = field(default="drop", metadata={"help": "drop: rejected answers go to x.rejected.jsonl; flag: kept with `rejected` set"})
+    invalid: str = field(default="drop", metadata={"help": "drop: rejected answers go to x.rejected.jsonl; flag: kept with `rejection` set"})
     # Cost
     price_per_m_input: float | None = field(default=None, metadata={"help": "$ per 1M prompt tokens, for the cost estimate"})
     price_per_m_output: float | None = field(default=None, metadata={"help": "$ per 1M completion tokens"})
@@ -219,10 +219,10 @@ class Generator:
             row = {"prompt_id": prompt.prompt_id, "topic": prompt.topic, "kind": prompt.kind,
                    "instruction": clean_instruction(answer.content), "model": self.model_name(answer),
                    "finish_reason": answer.finish_reason, "usage": answer.usage,
-                   "rejected": rejection(answer, o.reject_truncated, o.reject_refusals)}
+                   "rejection": rejection(answer, o.reject_truncated, o.reject_refusals)}
             self.instructions.append(row)
             self.usage.append(row)
-        if row["rejected"] or not row["instruction"]:
+        if row["rejection"] or not row["instruction"]:
             return None, f"unusable instruction ({row['rejected'] or 'empty'}): {row['instruction'][:200]!r}", attempts
         return row["instruction"], None, attempts
 
@@ -237,7 +237,7 @@ class Generator:
         reason = rejection(answer, o.reject_truncated, o.reject_refusals)
         row = {"messages": [*messages, {"role": "assistant", "content": answer.content}],
                "model": self.model_name(answer), "prompt_id": prompt.prompt_id, "response_index": k,
-               "finish_reason": answer.finish_reason, "usage": answer.usage, "rejected": reason}
+               "finish_reason": answer.finish_reason, "usage": answer.usage, "rejection": reason}
         (self.rejected if reason and o.invalid == "drop" else self.answers).append(row)
         self.usage.append(row)
         self.advance("rejected" if reason else "accepted")

@@ -163,9 +163,12 @@ class GPT2CustomModel(GPT2CustomPreTrainedModel):
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
-        if past + seq_len > self.config.block_size:
+        # TRL's padding-free packing sends one row of many documents, each restarting its positions at 0:
+        # the longest document, not the row, must fit the context.
+        longest = kwargs.get("max_length_q", seq_len)
+        if past + longest > self.config.block_size:
             raise ValueError(
-                f"input of {past + seq_len} tokens ({past} cached + {seq_len} new) is longer than the context: "
+                f"input of {past + longest} tokens ({past} cached + {longest} new) is longer than the context: "
                 f"expected at most block_size={self.config.block_size}"
             )
         if position_ids is None:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from trl import TrlParser
 
 from configuration_gpt2custom import GPT2CustomConfig
+from gpt2custom.chat import add_chat_format
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, read_shard
 from gpt2custom.metrics import detect_gpu, dollars, flops_per_token, mfu
@@ -183,7 +184,7 @@ class Pretrainer:
         self.model = GPT2CustomForCausalLM(config)
         self.model.set_attn_implementation(args.attn_implementation)
         self.raw_model = self.model  # eval, sampling and saving use the uncompiled module
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = add_chat_format(load_tokenizer())  # saved with the model, so `trl sft` can start from it
         self.optimizers = build_optimizers(
             self.model.to(acc.device),
             optimizer=args.optimizer,

@@ -7,6 +7,10 @@ them alone, and `<|endoftext|>` sits inside the assistant turn so the model lear
     <|system|>\nYou are helpful.\n<|user|>\nHi!\n<|assistant|>\nHello!<|endoftext|>\n
 """
 
+from pathlib import Path
+
+from .tokenizer import load_tokenizer
+
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = [f"<|{role}|>" for role in ROLES]
 
@@ -34,3 +38,30 @@ def add_chat_format(tokenizer, model_vocab_size: int = 50304):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_chat_tokenizer(name_or_path: str | None = None, model_vocab_size: int = 50304, **kwargs):
+    """The tokenizer of a model folder or Hub repo with the chat format added; GPT-2's own (offline) when
+    `name_or_path` is None or a local folder without tokenizer files (a bare weights folder)."""
+    if name_or_path is not None and Path(name_or_path).is_dir():
+        name_or_path = name_or_path if (Path(name_or_path) / "tokenizer_config.json").exists() else None
+    try:
+        tokenizer = load_tokenizer(name_or_path, **kwargs) if name_or_path else load_tokenizer()
+    except OSError as e:
+        raise ValueError(f"no tokenizer in {name_or_path!r} ({e}); pass a tokenizer folder or Hub id") from e
+    return add_chat_format(tokenizer, model_vocab_size)
+
+
+def fit_to_context(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
+    """The conversation with its oldest turns dropped (a system prompt is kept) until the prompt for the next answer
+    fits in `max_tokens`."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while turns:
+        prompt = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_dict=True)
+        if len(prompt["input_ids"]) <= max_tokens:
+            return system + turns
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":  # a conversation restarts at a user turn
+            turns = turns[1:]
+    raise ValueError(f"the last message does not fit in {max_tokens} tokens with the system prompt")

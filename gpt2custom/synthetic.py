@@ -391,7 +391,7 @@ def estimated_cost(totals: dict[str, int], price_per_m_input: float | None, pric
 class OutputFiles:
     """The files of one generation run, named after its output (`x.jsonl`, `x.rejected.jsonl`, ...)."""
 
-    answers: Path  # the dataset: accepted rows (and, with invalid=flag, rejected ones with `rejected` set)
+    answers: Path  # the dataset: accepted rows (and, with invalid=flag, rejected ones with `rejection` set)
     rejected: Path  # answers that failed validation (invalid=drop): paid for, so never asked again
     failed: Path  # prompts that failed after every retry in the latest run: asked again by the next run
     instructions: Path  # stage-1 user turns written from seed topics, reused on resume
@@ -411,15 +411,15 @@ def file_counts(files: OutputFiles, price_per_m_input: float | None = None, pric
     totals = token_totals(answers + rejected + instructions)
     return {
         "rows": len(answers),
-        "accepted": sum(row.get("rejected") is None for row in answers),
-        "rejected": dict(Counter(row["rejected"] for row in answers + rejected if row.get("rejected"))),
+        "accepted": sum(row.get("rejection") is None for row in answers),
+        "rejected": dict(Counter(row["rejection"] for row in answers + rejected if row.get("rejection"))),
         "failed": len(failed),
         **totals,
         "cost": estimated_cost(totals, price_per_m_input, price_per_m_output),
     }
 
 
-DATASET_COLUMNS = ("messages", "model", "prompt_id", "response_index", "finish_reason", "usage", "rejected")
+DATASET_COLUMNS = ("messages", "model", "prompt_id", "response_index", "finish_reason", "usage", "rejection")
 
 
 def rows_to_dataset(rows: list[dict]):
@@ -438,7 +438,7 @@ CARD_TEMPLATE = """---
 Synthetic single-turn chat data: {{ prompt_source }}, answered by
 [{{ source_model }}](https://huggingface.co/{{ source_model }}) through `huggingface_hub`'s inference client,
 generated with `generate_synthetic.py` of GPT2-Custom. Each row has `messages` (the conversation, ready for TRL's
-`SFTTrainer`), `model`, `prompt_id`, `response_index`, `finish_reason`, `usage` (tokens) and `rejected` (null unless
+`SFTTrainer`), `model`, `prompt_id`, `response_index`, `finish_reason`, `usage` (tokens) and `rejection` (null unless
 the answer failed validation and was kept with a flag).
 
 ## Generation parameters
@@ -486,5 +486,5 @@ def dataset_card(*, source_model: str, license: str, prompt_source: str, paramet
         data, template_str=CARD_TEMPLATE, pretty_name=pretty_name, source_model=source_model, license=license,
         prompt_source=prompt_source, parameters=parameters, counts=counts,
         invalid_policy="dropped (kept aside in `*.rejected.jsonl`)" if invalid_policy == "drop" else
-        "kept with `rejected` set to the reason: filter on `rejected is None` for training",
+        "kept with `rejection` set to the reason: filter on `rejection is None` for training",
     )

@@ -239,7 +239,7 @@ def test_every_seed_topic_prompt_gets_one_valid_row(topics_run, model_server):
         assert system == {"role": "system", "content": "Answer briefly."}
         assert user == {"role": "user", "content": instructions[row["prompt_id"]]["instruction"]} and user["content"]
         assert assistant["role"] == "assistant" and assistant["content"].strip()
-        assert row["model"] == "tiny" and row["finish_reason"] in ("stop", "length") and row["rejected"] is None
+        assert row["model"] == "tiny" and row["finish_reason"] in ("stop", "length") and row["rejection"] is None
         usage = row["usage"]
         assert usage["completion_tokens"] <= 8 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert read_rows(files.failed) == [] and read_rows(files.rejected) == []
@@ -254,7 +254,7 @@ def test_dataset_and_card_built_from_the_generated_jsonl(topics_run):
     rows = read_rows(files.answers)
     dataset = rows_to_dataset(rows)
     assert len(dataset) == 8 and dataset["messages"] == [r["messages"] for r in rows]
-    assert {"messages", "model", "prompt_id", "usage", "rejected"} <= set(dataset.column_names)
+    assert {"messages", "model", "prompt_id", "usage", "rejection"} <= set(dataset.column_names)
 
     counts = file_counts(files, price_per_m_input=3.0, price_per_m_output=15.0)
     every_request = rows + read_rows(files.instructions)

@@ -1,0 +1,485 @@
+"""Chat SFT: the conversations sft.py accepts, the labels TRL builds from our template, a real fine-tuning run on two
+gloo ranks, the saved folder in a clean process, chat.py, and TRL's own `trl sft` CLI on our checkpoint."""
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM, TrainerState
+
+from conftest import REPO, make_tiny_model
+from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
+from gpt2custom.checkpoints import save_model_folder
+from gpt2custom.hub import write_model_card
+from gpt2custom.sft_data import check_conversations, load_conversations, train_eval_split
+from gpt2custom.tokenizer import EOT_ID, load_tokenizer
+
+ANSWER = "Hello! I am a tiny model."
+AGAIN = "Hello again!"
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Olivia"]
+STEPS = 20
+
+
+def hello(name: str, two_turns: bool = False) -> list[dict]:
+    messages = [{"role": "user", "content": f"Say hello to {name}."}, {"role": "assistant", "content": ANSWER}]
+    if two_turns:
+        messages += [{"role": "user", "content": "Again."}, {"role": "assistant", "content": AGAIN}]
+    return messages
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Trainers made in this process set accelerate's process-wide state; leave none behind for other tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def synthetic_row(messages, prompt_id, rejected=None) -> dict:
+    """A row the way generate_synthetic.py writes it."""
+    usage = {"completion_tokens": 9}
+    return {"messages": messages, "model": "test", "prompt_id": prompt_id, "usage": usage, "rejection": rejected}
+
+
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory):
+    """One- and two-turn greetings, plus one answer generate_synthetic.py flagged."""
+    rows = [synthetic_row(hello(name, two), f"{name}-{two}") for name in NAMES for two in (False, True)]
+    refusal = [{"role": "user", "content": "Say hello to Eve."}, {"role": "assistant", "content": "I'm sorry."}]
+    rows.insert(5, synthetic_row(refusal, "Eve", rejected="refusal"))
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", rows)
+
+
+def expected_tokens(tokenizer, messages):
+    """input_ids and labels of one conversation written out from the chat format's spec (the gpt2custom.chat
+    docstring), not from its Jinja template: role token, newline, content; assistant content and <|endoftext|> are
+    the only labelled tokens."""
+    ids, labels = [], []
+    for message in messages:
+        role = tokenizer.convert_tokens_to_ids(f"<|{message['role']}|>")
+        if message["role"] == "assistant":
+            head = [role, *tokenizer.encode("\n")]
+            answer = [*tokenizer.encode(message["content"]), EOT_ID]
+            tail = tokenizer.encode("\n")
+            ids += head + answer + tail
+            labels += [-100] * len(head) + answer + [-100] * len(tail)
+        else:
+            part = [role, *tokenizer.encode("\n" + message["content"] + "\n")]
+            ids += part
+            labels += [-100] * len(part)
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def test_magpie_conversation_column_becomes_messages_filtered_by_quality_and_difficulty(tmp_path):
+    labels = [("excellent", "easy"), ("poor", "easy"), ("good", "very hard"), ("good", "hard"), ("average", "medium")]
+    Dataset.from_list(
+        [
+            {"conversation": hello(f"n{i}"), "quality": quality, "difficulty": difficulty, "embedding": [0.1, 0.2]}
+            for i, (quality, difficulty) in enumerate(labels)
+        ]
+    ).to_parquet(tmp_path / "magpie.parquet")
+    dataset = load_conversations(str(tmp_path / "magpie.parquet"), min_quality="good", max_difficulty="hard")
+    assert dataset.column_names == ["messages"]
+    assert [row["messages"] for row in dataset] == [hello("n0"), hello("n3")]
+
+
+def test_rows_generate_synthetic_flagged_as_rejected_are_dropped(chat_jsonl):
+    # The magpie label filters of configs/sft-124m.yaml leave a dataset without those labels whole.
+    dataset = load_conversations(str(chat_jsonl), min_quality="good", max_difficulty="hard")
+    assert len(dataset) == 2 * len(NAMES)
+    assert all(row["messages"][1]["content"] == ANSWER for row in dataset)
+
+
+def test_unknown_role_is_one_error_naming_row_message_and_role(tmp_path):
+    rows = [{"messages": hello(name)} for name in NAMES[:3]]
+    rows[2]["messages"].append({"role": "tool", "content": "42"})
+    with pytest.raises(ValueError, match=r"chat\.jsonl: row 2, message 2: role 'tool'.*knows system, user, assistant"):
+        load_conversations(str(write_jsonl(tmp_path / "chat.jsonl", rows)))
+
+
+@pytest.mark.parametrize(
+    "rows, error",
+    [
+        ([{"text": "Hello"}], r"no conversation column 'messages' or 'conversation'; columns are \['text'\]"),
+        ([{"messages": "Hello"}], r"column 'messages' has type string; expected a list of \{'role'"),
+        ([{"messages": [{"from": "human", "value": "Hi"}]}], r"column 'messages' has type list<item: struct<from"),
+        ([{"messages": hello("A")}, {"messages": hello("B")[:1]}], r"row 1 has no assistant message"),
+        (
+            [{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
+            r"row 0, message 0: content is null",
+        ),
+    ],
+    ids=["no-messages-column", "not-a-list", "sharegpt-keys", "no-assistant-turn", "null-content"],
+)
+def test_unusable_conversations_are_one_clear_error(tmp_path, rows, error):
+    with pytest.raises(ValueError, match=error):
+        load_conversations(str(write_jsonl(tmp_path / "data.jsonl", rows)))
+
+
+def test_unreadable_or_missing_file_names_the_file(tmp_path):
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps({"messages": hello("A")}) + '\n{"messages": [', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"torn\.jsonl cannot be read: JSON parse error"):
+        load_conversations(str(torn))
+    with pytest.raises(ValueError, match=r"missing\.jsonl does not exist"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_row_numbers_count_across_check_batches():
+    dataset = Dataset.from_list([{"messages": hello(str(i))} for i in range(7)] + [{"messages": hello("x")[:1]}])
+    with pytest.raises(ValueError, match="row 7 has no assistant"):
+        check_conversations(dataset, batch_size=3)
+
+
+def test_held_out_split_is_disjoint_and_covers_every_row():
+    dataset = Dataset.from_list([{"messages": hello(name)} for name in NAMES])
+    train, held_out = train_eval_split(dataset, 0.25, seed=1)
+    names = lambda d: [row["messages"][0]["content"] for row in d]  # noqa: E731
+    assert len(held_out) == 3 and sorted(names(train) + names(held_out)) == sorted(names(dataset))
+    assert train_eval_split(dataset, 0)[1] is None
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        train_eval_split(dataset, len(NAMES))
+
+
+def test_unknown_quality_label_is_refused(chat_jsonl):
+    with pytest.raises(ValueError, match=r"quality bound 'great': expected one of \['very poor'"):
+        load_conversations(str(chat_jsonl), min_quality="great")
+
+
+def test_sft_script_stops_on_a_bad_dataset_with_one_line(tiny_checkpoint, tmp_path, fresh_accelerate_state):
+    import sft
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "robot", "content": "beep"}]}])
+    args = sft.parse_args(
+        f"--config configs/sft-smoke.yaml --model_name_or_path {tiny_checkpoint} --dataset_name {bad} "
+        f"--output_dir {tmp_path / 'out'}".split()
+    )
+    with pytest.raises(SystemExit) as stop:
+        sft.main(*args)
+    assert str(stop.value.code) == (
+        f"sft.py: {bad}: row 0, message 0: role 'robot' in column 'messages'; the chat template knows system, "
+        "user, assistant"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ chat format
+
+
+def test_role_tokens_fill_spare_ids_without_resizing(tiny_checkpoint):
+    tokenizer = load_chat_tokenizer(str(tiny_checkpoint))
+    assert tokenizer.convert_tokens_to_ids(ROLE_TOKENS) == [50257, 50258, 50259]
+    assert len(tokenizer) == 50260 <= make_tiny_model().config.vocab_size
+
+
+def test_fit_to_context_drops_oldest_turns_and_keeps_the_system_prompt():
+    chat_tokenizer = add_chat_format(load_tokenizer())
+    system = {"role": "system", "content": "Be brief."}
+    history = [system, *hello("Alice", two_turns=True), {"role": "user", "content": "Bye."}]
+
+    def length(messages):
+        return len(
+            chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
+
+    assert fit_to_context(chat_tokenizer, history, length(history)) == history
+    # One token short: the first user/assistant exchange goes, and the conversation restarts at a user turn.
+    assert fit_to_context(chat_tokenizer, history, length(history) - 1) == [system, *history[3:]]
+    with pytest.raises(ValueError, match="does not fit in 5 tokens"):
+        fit_to_context(chat_tokenizer, history, 5)
+
+
+def cpu_sft_config(tmp_path, **overrides):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        assistant_only_loss=True,
+        activation_checkpointing=False,
+        report_to="none",
+        **overrides,
+    )
+
+
+def test_labels_keep_only_assistant_tokens_and_their_end_of_text(tiny_checkpoint, tmp_path, fresh_accelerate_state):
+    from trl import SFTTrainer
+
+    messages = [{"role": "system", "content": "You are terse."}, *hello("Alice", two_turns=True)]
+    tokenizer = load_chat_tokenizer(str(tiny_checkpoint))
+    args = cpu_sft_config(tmp_path, packing=False)
+    trainer = SFTTrainer(
+        model=make_tiny_model(),
+        args=args,
+        train_dataset=Dataset.from_list([{"messages": messages}]),
+        processing_class=tokenizer,
+    )
+    ids, labels = expected_tokens(tokenizer, messages)
+    row = trainer.train_dataset[0]
+    assert row["input_ids"] == ids
+    assert row["labels"] == labels
+    trained = tokenizer.decode([t for t in labels if t != -100])
+    assert trained == f"{ANSWER}<|endoftext|>{AGAIN}<|endoftext|>"
+
+
+def test_packed_batch_attends_only_within_each_conversation(tiny_checkpoint, tmp_path, fresh_accelerate_state):
+    """Padding-free packing (sft.py's default) flattens a batch of packed rows into one row longer than the
+    context; each conversation in it must get exactly the logits it gets alone."""
+    from trl import SFTTrainer
+
+    tokenizer = load_chat_tokenizer(str(tiny_checkpoint))
+    model = make_tiny_model()
+    args = cpu_sft_config(tmp_path, packing=True, max_length=128, per_device_train_batch_size=4)
+    rows = [{"messages": hello(" ".join(NAMES[: 1 + i % len(NAMES)]), two_turns=True)} for i in range(40)]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] > model.config.block_size
+    bounds = batch["cu_seq_lens_q"].tolist()
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            alone = model(input_ids=batch["input_ids"][:, start:end]).logits[0]
+            torch.testing.assert_close(packed[start:end], alone, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ fine-tuning on two gloo ranks
+
+
+def sft_args(model, dataset, out) -> list[str]:
+    """The fine-tuning run of the tests: the smoke config, a higher LR and fewer steps (paths have no spaces)."""
+    return (
+        f"--config configs/sft-smoke.yaml --model_name_or_path {model} --dataset_name {dataset} --output_dir {out} "
+        f"--max_steps {STEPS} --gradient_accumulation_steps 1 --learning_rate 1e-2 --warmup_steps 3 --eval_size 2 "
+        "--eval_steps 1000 --logging_steps 5"
+    ).split()
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_checkpoint, chat_jsonl, tmp_path_factory):
+    """sft.py with the smoke config on two real ranks (gloo), from the tiny checkpoint, on the greetings."""
+    out = tmp_path_factory.mktemp("sft") / "out"
+    launch = f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --main_process_port {free_port()} sft.py"
+    cmd = [sys.executable, *launch.split(), *sft_args(tiny_checkpoint, chat_jsonl, out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stdout + proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assistant_loss(model, tokenizer, conversations) -> float:
+    """Mean cross-entropy on the labelled (assistant) tokens, computed here from expected_tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in conversations:
+            ids, labels = expected_tokens(tokenizer, messages)
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            keep = targets != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_fine_tune_and_save_a_model_folder(sft_run):
+    out, log = sft_run
+    assert "2 process(es), DistributedType.MULTI_CPU" in log
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == STEPS
+    assert state["train_batch_size"] == 1  # per rank; the two ranks together take two packed rows a step
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "modeling_gpt2custom.py",
+        "configuration_gpt2custom.py",
+        "chat_template.jinja",
+        "tokenizer.json",
+        "generation_config.json",
+        "eval_results.json",
+    ):
+        assert (out / name).exists(), name
+    assert "auto_map" in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_loss_on_assistant_tokens_falls(sft_run, tiny_checkpoint):
+    out, _ = sft_run
+    tokenizer = load_chat_tokenizer(str(out))
+    conversations = [hello(name, two_turns=True) for name in NAMES[:6]]
+    before = assistant_loss(
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True), tokenizer, conversations
+    )
+    after = assistant_loss(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True), tokenizer, conversations)
+    assert after < 0.3 and after < before / 10, (before, after)
+    losses = [
+        log["loss"] for log in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in log
+    ]
+    assert losses[-1] < losses[0] / 10, losses
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] < 0.3
+
+
+@pytest.mark.slow
+def test_model_card_for_a_pushed_run_shows_data_recipe_and_held_out_loss(sft_run, chat_jsonl, fresh_accelerate_state):
+    """The card sft.py puts on the Hub after trainer.push_to_hub, written here without the network."""
+    import sft
+
+    out, _ = sft_run
+    script_args, training_args, model_args = sft.parse_args(sft_args("org/tiny", chat_jsonl, out))
+    eval_metrics = json.loads((out / "eval_results.json").read_text())
+    summary = sft.run_summary(
+        training_args,
+        TrainerState.load_from_json(str(out / "trainer_state.json")),
+        script_args,
+        model_args,
+        eval_metrics,
+    )
+    write_model_card(
+        out,
+        model_id="org/tiny-sft",
+        base_model="org/tiny",
+        datasets=["org/chat"],
+        training=summary,
+        tags=("trl", "sft", "chat"),
+    )
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/tiny" and card.data.datasets == ["org/chat"]
+    assert {"trl", "sft", "chat", "custom_code"} <= set(card.data.tags)
+    assert f"| Optimizer steps | {STEPS} |" in card.text
+    assert f"| Final validation loss | {eval_metrics['eval_loss']:.4f} |" in card.text
+    for key, value in (
+        ("learning_rate", "0.01"),
+        ("assistant_only_loss", "True"),
+        ("packing", "True"),
+        ("max_length", "128"),
+    ):
+        assert f"| `{key}` | `{value}` |" in card.text
+
+
+# Runs with cwd = a temp dir and no PYTHONPATH: only the folder's own copies of the model files can be imported.
+CLEAN_PROCESS = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    messages = [{"role": "user", "content": "Say hello to Zoe."}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    json.dump({"repo_code_importable": importlib.util.find_spec("modeling_gpt2custom") is not None,
+               "model_class": type(model).__module__, "prompt": tokenizer.decode(inputs["input_ids"][0]),
+               "new_ids": new, "answer": tokenizer.decode(new, skip_special_tokens=True)}, sys.stdout)
+    """
+)
+
+
+@pytest.mark.slow
+def test_saved_folder_answers_in_a_clean_process_and_stops_at_end_of_text(sft_run, tmp_path):
+    out, _ = sft_run
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CLEAN_PROCESS, str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert not result["repo_code_importable"]
+    assert result["model_class"].startswith("transformers_modules.")
+    assert result["prompt"] == "<|user|>\nSay hello to Zoe.\n<|assistant|>\n"
+    assert result["answer"] == ANSWER  # a name it never saw in training
+    assert result["new_ids"][-1] == EOT_ID and len(result["new_ids"]) < 40  # stopped on <|endoftext|>
+
+
+class Writes(io.StringIO):
+    """stdout that remembers each write: a streamed answer arrives in several pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces = []
+
+    def write(self, text):
+        self.pieces.append(text)
+        return super().write(text)
+
+
+@pytest.mark.slow
+def test_chat_streams_answers_and_carries_the_conversation(sft_run, monkeypatch):
+    import chat
+
+    out, _ = sft_run
+    stdout = Writes()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hello to Zoe.\nAgain.\n/reset\nAgain.\n"))
+    monkeypatch.setattr("sys.stdout", stdout)
+    chat.main(chat.ChatArgs(model_name_or_path=str(out), temperature=0, repetition_penalty=1.0))
+    answers = stdout.getvalue().split(">>> ")
+    assert answers[:4] == ["", f"{ANSWER}\n", f"{AGAIN}\n", ""] and answers[-1] == ""  # "" before: /reset, EOF
+    # The model learned "Hello again!" only after a greeting: without the conversation, "Again." gets another answer.
+    assert len(answers) == 6 and answers[4] != f"{AGAIN}\n"
+    first_answer = stdout.pieces[1 : stdout.pieces.index(">>> ", 1)]
+    assert len(first_answer) >= 4 and "".join(first_answer) == f"{ANSWER}\n"  # word by word, not at the end
+
+
+# ------------------------------------------------------------------------------------------- TRL's own CLI
+
+
+@pytest.mark.slow
+def test_trl_sft_cli_fine_tunes_our_checkpoint(chat_jsonl, tmp_path):
+    base = tmp_path / "base"  # a pretrained checkpoint whose tokenizer has our chat format, as publish.py ships it
+    save_model_folder(make_tiny_model(), base, add_chat_format(load_tokenizer()))
+    config = tmp_path / "data.yaml"
+    # `columns`: TRL needs only the conversations; the other columns of generate_synthetic.py's rows are metadata.
+    config.write_text(
+        yaml.safe_dump({"datasets": [{"path": "json", "data_files": str(chat_jsonl), "columns": ["messages"]}]})
+    )
+    trl = shutil.which("trl") or pytest.fail("the trl CLI (installed with the trl package) is not on PATH")
+    command = (
+        f"sft --config {config} --model_name_or_path {base} --output_dir {tmp_path / 'out'} --trust_remote_code true "
+        "--use_cpu true --bf16 false --max_steps 2 --per_device_train_batch_size 2 --max_length 128 "
+        "--assistant_only_loss true --activation_checkpointing false --report_to none --save_strategy no"
+    )
+    proc = subprocess.run(
+        [trl, *command.split()],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(tuned).__name__ == "GPT2CustomForCausalLM"
+    assert not torch.equal(tuned.transformer.wte.weight, make_tiny_model().transformer.wte.weight)  # it trained
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
