@@ -36,7 +36,7 @@ from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, read_sh
 from gpt2custom.metrics import detect_gpu, dollars, flops_per_token, mfu
 from gpt2custom.plots import plot_training
 from gpt2custom.tokenizer import load_tokenizer
-from gpt2custom.training import build_optimizers, build_schedulers, train_step
+from gpt2custom.training import build_optimizers, build_schedulers, device_batches, mixed_precision, train_step
 from modeling_gpt2custom import GPT2CustomForCausalLM
 
 
@@ -104,15 +104,6 @@ class RunProgress:
         self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
 
 
-def mixed_precision(precision: str, cpu: bool) -> str:
-    if precision == "auto":
-        gpu_bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return "bf16" if gpu_bf16 else "no"
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision={precision!r}: expected auto, bf16, fp16 or fp32")
-    return "no" if precision == "fp32" else precision
-
-
 def gradient_accumulation(args: PretrainArgs, world_size: int) -> int:
     tokens_per_micro_step = args.micro_batch_size * args.block_size * world_size
     if args.total_batch_size % tokens_per_micro_step:
@@ -165,9 +156,10 @@ class Pretrainer:
     def __init__(self, args: PretrainArgs):
         self.args = args
         self.out = Path(args.output_dir)
+        cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(
             cpu=args.cpu,
-            mixed_precision=mixed_precision(args.precision, args.cpu),
+            mixed_precision=mixed_precision(args.precision, torch.device("cpu" if args.cpu or not cuda else "cuda")),
             log_with=None if args.report_to == "none" else args.report_to,
             project_dir=str(self.out),
             step_scheduler_with_optimizer=False,  # our schedule counts optimizer steps, not steps × world size
@@ -204,6 +196,7 @@ class Pretrainer:
             args.data_dir, "train", args.micro_batch_size, args.block_size,
             rank=acc.process_index, world_size=acc.num_processes, seed=args.seed,
         )  # fmt: skip
+        self.next_batch = device_batches(self.train_loader, acc.device)
         self.progress = RunProgress()
         self.last_eval: dict = {}
         acc.register_for_checkpointing(self.train_loader, self.progress)
@@ -226,12 +219,6 @@ class Pretrainer:
                 f.write(json.dumps(row) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         self.accelerator.log(scalars, step=row["step"])
-
-    def next_batch(self):
-        x, y = self.train_loader.next_batch()
-        if self.accelerator.device.type == "cuda":  # pinned memory lets the copy overlap the previous step
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.accelerator.device, non_blocking=True), y.to(self.accelerator.device, non_blocking=True)
 
     def load_hellaswag(self):
         try:

@@ -12,6 +12,27 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 
+def mixed_precision(precision: str, device: torch.device) -> str:
+    """accelerate's `mixed_precision` for our `precision` option: auto = bf16 where the GPU has it, else fp32."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision={precision!r}: expected auto, bf16, fp16 or fp32")
+    return "no" if precision == "fp32" else precision
+
+
+def device_batches(loader, device: torch.device, pin_memory: bool = True):
+    """`next_batch()` on the device: pinned host memory lets the copy overlap the GPU's work on the previous step."""
+
+    def next_batch():
+        x, y = loader.next_batch()
+        if pin_memory and device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return next_batch
+
+
 def build_optimizers(
     model: torch.nn.Module,
     *,
