@@ -82,10 +82,13 @@ class GPT2CustomConfig(PretrainedConfig):
         if key not in PRESETS:
             allowed = sorted(PRESETS) + sorted(PRESET_ALIASES)
             raise ValueError(f"unknown preset {name!r}; expected one of {allowed}")
-        known = (set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}) | set(cls.attribute_map)
-        unknown = sorted(set(overrides) - known)
+        own = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"})
+        # keys every transformers config takes (dtype, attn_implementation, pad_token_id, ...) pass through
+        generic = set(PretrainedConfig().to_dict()) | set(inspect.signature(PretrainedConfig.__init__).parameters)
+        generic |= {"attn_implementation", "pad_token_id", "output_attentions"} | set(cls.attribute_map)
+        unknown = sorted(set(overrides) - set(own) - generic)
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown} for GPT2CustomConfig")
+            raise ValueError(f"unknown config key(s) {unknown} for GPT2CustomConfig; expected one of {own}")
         return cls(**{**PRESETS[key], **overrides})
 
 

@@ -1,0 +1,155 @@
+"""Model folders: save_pretrained with remote code, loading from a clean process, GPT2LMHeadModel import/export."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from conftest import REPO, make_tiny_model
+from gpt2custom.checkpoints import export_gpt2, import_gpt2, load_model, save_model_folder
+from modeling_gpt2custom import GPT2CustomForCausalLM
+
+PROMPT = "Hello world, the quick brown fox"
+
+# Runs with cwd = a temp dir and no PYTHONPATH: only the folder's own copies of the model files can be imported.
+CLEAN_PROCESS = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    folder, reference = sys.argv[1], torch.load(sys.argv[2])
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        logits = model(reference["ids"]).logits
+    pipe = pipeline("text-generation", model=folder, trust_remote_code=True)
+    text = pipe(reference["prompt"], max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    json.dump({
+        "repo_code_importable": importlib.util.find_spec("modeling_gpt2custom") is not None,
+        "model_class": f"{type(model).__module__}.{type(model).__name__}",
+        "pipeline_model_class": type(pipe.model).__name__,
+        "max_abs_logit_diff": (logits - reference["logits"]).abs().max().item(),
+        "lm_head_tied": model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(),
+        "prompt_ids": tokenizer(reference["prompt"]).input_ids,
+        "pipeline_text": text,
+    }, open(sys.argv[3], "w"))
+    """
+)
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Every parameter random (biases and LayerNorms too), so a dropped or mis-transposed tensor shows in the logits."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = ".ln_" in name and name.endswith(".weight")
+            p.copy_(torch.randn(p.shape, generator=generator) * std + (1.0 if is_norm_scale else 0.0))
+    return model.eval()
+
+
+def random_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=2, activation_function="gelu_new"
+    )
+    return randomize_(GPT2LMHeadModel(config))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.slow
+def test_saved_folder_loads_in_a_clean_process_from_another_directory(tmp_path, tokenizer):
+    model = make_tiny_model()
+    folder = tmp_path / "model"
+    save_model_folder(model, folder, tokenizer)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    torch.save({"ids": ids, "logits": logits(model, ids), "prompt": PROMPT}, tmp_path / "reference.pt")
+    expected_ids = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    (tmp_path / "load.py").write_text(CLEAN_PROCESS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "load.py", str(folder), "reference.pt", "result.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+
+    assert not result["repo_code_importable"]
+    assert result["model_class"].startswith("transformers_modules.")
+    assert result["model_class"].endswith("modeling_gpt2custom.GPT2CustomForCausalLM")
+    assert result["pipeline_model_class"] == "GPT2CustomForCausalLM"
+    assert result["max_abs_logit_diff"] == 0.0
+    assert result["lm_head_tied"]
+    assert result["prompt_ids"] == ids[0].tolist()
+    assert result["pipeline_text"] and result["pipeline_text"] == tokenizer.decode(expected_ids[0, ids.shape[1] :])
+
+
+def test_saved_folder_has_auto_map_both_model_files_and_one_embedding_copy(tiny_checkpoint):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "gpt2custom"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_gpt2custom.GPT2CustomConfig",
+        "AutoModelForCausalLM": "modeling_gpt2custom.GPT2CustomForCausalLM",
+    }
+    for name in ("configuration_gpt2custom.py", "modeling_gpt2custom.py"):
+        assert (tiny_checkpoint / name).read_text() == (REPO / name).read_text()
+    assert (tiny_checkpoint / "tokenizer.json").exists()
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), "pt") as f:
+        assert "transformer.wte.weight" in f.keys() and "lm_head.weight" not in f.keys()
+
+
+def test_import_from_gpt2lmheadmodel_gives_the_same_logits():
+    hf = random_gpt2()
+    ours = import_gpt2(hf).eval()
+    assert isinstance(ours, GPT2CustomForCausalLM)
+    assert ours.config.vocab_size == 50257 and ours.lm_head.weight is ours.transformer.wte.weight
+    ids = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(ours, ids), logits(hf, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_export_to_gpt2lmheadmodel_loads_without_remote_code_and_gives_the_same_logits(tmp_path, tokenizer):
+    ours = randomize_(make_tiny_model(vocab_size=50257))
+    export_gpt2(ours, tmp_path, tokenizer)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and "auto_map" not in config
+    assert not list(tmp_path.glob("*.py"))
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # no trust_remote_code
+    assert type(loaded) is GPT2LMHeadModel
+    ids = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded.eval(), ids), logits(ours, ids), atol=1e-5, rtol=1e-5)
+    assert AutoTokenizer.from_pretrained(tmp_path)("Hello world").input_ids == [15496, 995]
+
+
+def test_import_of_an_export_restores_every_tensor(tmp_path, tokenizer):
+    ours = randomize_(make_tiny_model(vocab_size=50257))
+    export_gpt2(ours, tmp_path, tokenizer)
+    back = import_gpt2(tmp_path).state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_import_rejects_a_gpt2_with_another_activation():
+    config = GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=1, n_head=2, activation_function="relu")
+    with pytest.raises(ValueError, match=r"activation_function='relu'.*gelu_new"):
+        import_gpt2(GPT2LMHeadModel(config))
+
+
+def test_load_model_names_the_path_it_cannot_load(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot load a causal LM from '.*no_such_model'"):
+        load_model(str(tmp_path / "no_such_model"))
