@@ -183,7 +183,7 @@ class GPT2CustomModel(GPT2CustomPreTrainedModel):
         )
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         for block in self.h:
-            hidden_states = block(hidden_states, mask, cache, position_ids=position_ids, **kwargs)
+            hidden_states = block(hidden_states, mask, cache=cache, position_ids=position_ids, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache if use_cache else None)
 
 
