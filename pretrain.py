@@ -269,12 +269,12 @@ class Pretrainer:
         """A few continuations, sampled with their own RNG so training's random stream is untouched."""
         args, model = self.args, self.raw_model
         model.eval()
-        prompt = self.tokenizer(args.sample_prompt, return_tensors="pt").input_ids.to(self.accelerator.device)
+        prompts = self.tokenizer([args.sample_prompt] * args.num_samples, return_tensors="pt").to(self.accelerator.device)
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(args.seed + self.accelerator.process_index)
             out = model.generate(
-                prompt.repeat(args.num_samples, 1), do_sample=True, top_k=50, max_new_tokens=args.sample_tokens,
+                **prompts, do_sample=True, top_k=50, max_new_tokens=args.sample_tokens,
                 pad_token_id=self.tokenizer.eos_token_id,
             )  # fmt: skip
         model.train()
