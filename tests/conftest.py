@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: the offline tokenizer, tiny models, real text."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the suite runs as two xdist workers on two cores: one thread each
 
 
 def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
@@ -26,6 +27,12 @@ def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

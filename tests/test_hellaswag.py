@@ -20,15 +20,6 @@ from gpt2custom.hellaswag import evaluate_hellaswag, load_hellaswag, read_exampl
 ACTIVITIES = ["Removing ice from car", "Baking cookies", "Home and Garden", "Playing harmonica", "Personal Care"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models' ops are too small to split: two threads ran these tests 4x slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_examples(text: str, n: int = 20, seed: int = 0) -> list[dict]:
     """HellaSwag-shaped examples from real sentences: ActivityNet-style ones, and WikiHow-style ones with the
     bracket markers ([header], [title], [step]) and mixed-case ctx_b that the harness preprocessing rewrites."""

@@ -18,15 +18,6 @@ from gpt2custom.evaluation import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models' ops are too small to split: two threads ran these tests 4x slower on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokens(tokenizer, real_text):
     return np.asarray(tokenizer.encode(real_text[:2500]), dtype=np.int64)  # about 700 tokens

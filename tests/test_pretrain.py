@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script
+from conftest import REPO, free_port, run_script
 
 # A run small enough for 2 cores: 4 sequences of 32 tokens per micro-step.
 TINY_RUN = [
@@ -107,7 +107,7 @@ def test_two_gloo_ranks_equal_one_process_with_double_accumulation(shards, tmp_p
     steps = ["--max_steps", "6", "--micro_batch_size", "2", "--total_batch_size", "128"]
     pretrain(shards, tmp_path / "one", *steps)  # 1 rank: 128 / (2 × 32) = 2 micro-steps
     launch = [
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29533",
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
         "pretrain.py", "--data_dir", shards, "--output_dir", tmp_path / "two", *TINY_RUN, *steps,
     ]  # fmt: skip
     run_script(*launch, env={"ACCELERATE_USE_CPU": "1"})  # 2 ranks × 1 micro-step

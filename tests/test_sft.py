@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ from datasets import Dataset
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, TrainerState
 
-from conftest import REPO, make_tiny_model
+from conftest import REPO, free_port, make_tiny_model
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.hub import write_model_card
@@ -285,12 +284,6 @@ def sft_run(tiny_checkpoint, chat_jsonl, tmp_path_factory):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout + proc.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assistant_loss(model, tokenizer, conversations) -> float:
