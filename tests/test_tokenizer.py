@@ -39,7 +39,7 @@ def test_real_text_round_trips_and_compresses_like_gpt2(tokenizer, real_text):
     sample = real_text[:100_000]
     ids = tokenizer(sample).input_ids
     assert tokenizer.decode(ids) == sample
-    assert 2.5 < len(sample) / len(ids) < 6  # GPT-2 BPE on English: ~3-4.5 characters per token
+    assert 2.0 < len(sample) / len(ids) < 6  # GPT-2 BPE: ~3-4.5 characters per token on English, ~2.3 on Python code
 
 
 def test_endoftext_is_one_special_token_50256(tokenizer):
