@@ -77,7 +77,8 @@ def test_saved_folder_loads_in_a_clean_process_from_another_directory(tmp_path, 
     expected_ids = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     (tmp_path / "load.py").write_text(CLEAN_PROCESS)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    # same thread count as this process, so the matmuls reduce in the same order and the logits match exactly
+    env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(
         [sys.executable, "load.py", str(folder), "reference.pt", "result.json"],
         cwd=tmp_path,
