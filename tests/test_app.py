@@ -5,16 +5,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import huggingface_hub.constants
 import pytest
 
 import app
 from app import ChatError, EndpointBackend, LocalBackend, build_messages
-from conftest import REPO, make_tiny_model
+from conftest import REPO, make_tiny_model, serve_json
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.hub import build_upload_folder
 
@@ -37,29 +35,16 @@ class FakeEndpoint:
     def __init__(self, handler):
         self.handler = handler
         self.requests = []
-        endpoint = self
+        self.server = serve_json(self.respond)
+        self.url = self.server.url + "/"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                endpoint.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                try:
-                    status, answer = 200, endpoint.handler(body)
-                except Exception as e:
-                    status, answer = 400, {"error": str(e)}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def respond(self, method, path, headers, body):
+        try:
+            body = json.loads(body)
+            self.requests.append((headers, body))
+            return 200, self.handler(body)
+        except Exception as e:
+            return 400, {"error": str(e)}
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 import base64
 import json
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import huggingface_hub.constants
 import numpy as np
@@ -13,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import publish
-from conftest import REPO, make_tiny_model, run_script
+from conftest import REPO, make_tiny_model, run_script, serve_json
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.hub import ENDPOINT_REQUIREMENTS, write_model_card
 
@@ -229,33 +227,12 @@ class FakeHub:
 
     def __init__(self):
         self.requests, self.files = [], {}
-        hub = self
+        self.server = serve_json(self.respond)
+        self.url = self.server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self.respond()
-
-            def do_POST(self):
-                self.respond()
-
-            def respond(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                hub.requests.append((self.command, self.path, headers, body))
-                status, payload = hub.route(self.path.split("?")[0], body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def respond(self, method, path, headers, body):
+        self.requests.append((method, path, headers, body))
+        return self.route(path.split("?")[0], body)
 
     def route(self, path, body):
         model = f"/api/models/{REPO_ID}"
