@@ -19,6 +19,17 @@ def read_metrics(path: "str | Path") -> list[dict]:
     return sorted(rows.values(), key=lambda r: r.get("step", 0))
 
 
+def _save(fig, ax, ylabel: str, path: Path) -> Path:
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: dict[str, float] | None = None):
     """loss.png (train and val loss against step) and, when present, hellaswag.png. Returns the paths written."""
     rows = read_metrics(metrics_path)
@@ -33,15 +44,8 @@ def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: 
     for name, value in (baselines or {}).items():
         ax.axhline(value, linestyle="--", linewidth=1, color="gray")
         ax.annotate(name, (0, value), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("GPT2Custom pretraining loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
-    written.append(out_dir / "loss.png")
+    written.append(_save(fig, ax, "cross-entropy (nats/token)", out_dir / "loss.png"))
 
     pts = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
     if pts:
@@ -49,12 +53,5 @@ def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: 
         ax.plot(*zip(*pts), marker="o", label="ours (acc_norm)")
         ax.axhline(0.2955, linestyle="--", color="gray", label="OpenAI GPT-2 124M (0.2955)")
         ax.axhline(0.25, linestyle=":", color="gray", label="chance (0.25)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("HellaSwag accuracy (completion style)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "hellaswag.png", dpi=120)
-        plt.close(fig)
-        written.append(out_dir / "hellaswag.png")
+        written.append(_save(fig, ax, "HellaSwag accuracy (completion style)", out_dir / "hellaswag.png"))
     return written
