@@ -1,12 +1,13 @@
 """GPT-2 as a Hugging Face model: pre-LN transformer, learned positions, tanh-GELU, lm_head tied to wte.
 
 The parameter names are nanoGPT's and GPT2LMHeadModel's (`transformer.h.0.attn.c_attn.weight`, ...), so OpenAI's
-weights load after transposing the four Conv1D matrices (see `gpt2custom/convert.py`).
+weights load after transposing the four Conv1D matrices (`import_gpt2` / `export_gpt2` in `gpt2custom/checkpoints.py`).
 
 This file travels to the Hub as remote code: it imports only torch and transformers.
 
     model = GPT2CustomForCausalLM(GPT2CustomConfig.from_preset("gpt2"))
     out = model(input_ids, labels=input_ids)             # out.loss, out.logits
+    out = model(input_ids, labels=input_ids, skip_logits=True)   # out.loss only: the (B·T × V) logits never exist
     model.generate(input_ids, max_new_tokens=32)          # KV cache through DynamicCache
 """
 
@@ -49,6 +50,7 @@ class GPT2CustomAttention(nn.Module):
         self.is_causal = True  # read by the sdpa / flash kernels
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # read by _init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
@@ -83,6 +85,7 @@ class GPT2CustomMLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # read by _init_weights
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -115,11 +118,57 @@ class GPT2CustomPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     def _init_weights(self, module):
-        super()._init_weights(module)  # Linear/Embedding N(0, 0.02), zero biases, LayerNorm (1, 0)
-        # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 residual additions per block.
-        if isinstance(module, (GPT2CustomAttention, GPT2CustomMLP)):
-            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+        """GPT-2 / nanoGPT init: weights N(0, 0.02), biases 0, LayerNorm (1, 0), and the projections into the
+        residual stream N(0, 0.02/sqrt(2·n_layer)) (GPT-2 paper: two residual additions per block).
+
+        The residual rule sits on the Linear itself (tagged in __init__), not on the attention/MLP containers:
+        transformers 5 skips `_init_weights` for modules that own no parameters of their own under remote code."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` without the (N × V) logits ever existing.
+
+    Forward walks the tokens in chunks and, for each, computes the loss and already the gradients (softmax − one-hot,
+    as llm.c's fused classifier does), so backward only scales them: the same matmuls as the plain lm_head + loss,
+    and one chunk of logits in memory instead of all of them in bf16, their fp32 upcast and the saved log-softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor, chunk_size: int, ignore_index: int = -100):
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (h @ weight.t()).float()  # bf16 matmul under autocast, softmax in fp32
+            valid = (t != ignore_index).unsqueeze(1)
+            t = t.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss = loss + ((lse - logits.gather(1, t)) * valid).sum()
+            grad = torch.exp(logits - lse).scatter_add_(1, t, -valid.float()) * valid  # d(sum of losses)/d(logits)
+            grad_hidden[start : start + chunk_size] = grad @ weight
+            grad_weight += grad.t() @ h
+        ctx.save_for_backward(grad_hidden / divisor, grad_weight / divisor)
+        ctx.weight_dtype = weight.dtype
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
 
 
 class GPT2CustomModel(GPT2CustomPreTrainedModel):
@@ -171,9 +220,9 @@ class GPT2CustomModel(GPT2CustomPreTrainedModel):
                 f"input of {past + longest} tokens ({past} cached + {longest} new) is longer than the context: "
                 f"expected at most block_size={self.config.block_size}"
             )
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        # None for sdpa/flash without padding, so the kernels take their is_causal fast path.
+        # None for sdpa/flash without padding, so the kernels take their is_causal fast path. Only positions the
+        # caller gave (TRL's packed rows, generate) go to the mask: given self-built ones, transformers looks for
+        # packed documents in them, a host sync eagerly and a full (B, 1, T, T) mask under torch.compile.
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -181,14 +230,19 @@ class GPT2CustomModel(GPT2CustomPreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids  # flash-attention's varlen path reads them
+        else:
+            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         for block in self.h:
-            hidden_states = block(hidden_states, mask, cache=cache, position_ids=position_ids, **kwargs)
+            hidden_states = block(hidden_states, mask, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache if use_cache else None)
 
 
 class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    loss_chunk_tokens = 4096  # skip_logits: tokens per chunk (4096 × 50304 fp32 logits = 0.8 GB at a time)
 
     def __init__(self, config: GPT2CustomConfig):
         super().__init__(config)
@@ -213,10 +267,12 @@ class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are shifted inside the loss (-100 ignored); `shift_labels=` (in kwargs) passes targets that
-        are already shifted, as the pretraining loader yields them."""
+        are already shifted, as the pretraining loader yields them. `skip_logits=True` returns only the loss,
+        computed chunk by chunk (`ChunkedLinearCrossEntropy`): what a training step needs, without the logits."""
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -226,11 +282,26 @@ class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
+        if skip_logits:
+            loss = self.chunked_loss(outputs.last_hidden_state, labels, **kwargs)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def chunked_loss(self, hidden_states, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        """The library loss (shift, -100 ignored, mean or sum / num_items_in_batch) without materialising logits."""
+        if shift_labels is None:
+            if labels is None:
+                raise ValueError("skip_logits=True computes only the loss: pass labels or shift_labels")
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        targets = shift_labels.reshape(-1).to(hidden_states.device)
+        divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        divisor = torch.as_tensor(divisor, device=hidden_states.device, dtype=torch.float32)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return ChunkedLinearCrossEntropy.apply(hidden, self.lm_head.weight, targets, divisor, self.loss_chunk_tokens)
 
 
 GPT2CustomForCausalLM.register_for_auto_class("AutoModelForCausalLM")

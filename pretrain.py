@@ -16,9 +16,9 @@ folder that AutoModelForCausalLM loads with trust_remote_code=True), loss.png, h
 
 import json
 import math
+import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,15 +26,18 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from tqdm.auto import tqdm
+from transformers import AutoConfig
 from trl import TrlParser
 
 from configuration_gpt2custom import GPT2CustomConfig
 from gpt2custom.chat import add_chat_format
-from gpt2custom.checkpoints import save_model_folder
-from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, read_shard
-from gpt2custom.metrics import detect_gpu, dollars, flops_per_token, mfu
+from gpt2custom.checkpoints import import_gpt2, save_model_folder
+from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, load_manifest, read_shard
+from gpt2custom.distributed import shutdown
+from gpt2custom.metrics import detect_gpu, flops_per_token
 from gpt2custom.plots import plot_training
+from gpt2custom.resume import Checkpointer, checkpoint_folders
+from gpt2custom.runlog import RunLogger, RunProgress, format_summary
 from gpt2custom.tokenizer import load_tokenizer
 from gpt2custom.training import build_optimizers, build_schedulers, device_batches, mixed_precision, train_step
 from modeling_gpt2custom import GPT2CustomForCausalLM
@@ -47,6 +50,9 @@ class PretrainArgs:
     block_size: int = field(default=1024, metadata={"help": "context length = training sequence length"})
     dropout: float = 0.0
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from these weights instead of a random init: our model folder, a GPT2LMHeadModel folder or "
+                "a Hub id such as openai-community/gpt2 (the preset is then ignored)"})  # fmt: skip
     # data
     data_dir: str = field(default="data/fineweb-edu", metadata={"help": "folder written by prepare_data.py"})
     seed: int = 1337
@@ -66,6 +72,7 @@ class PretrainArgs:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32"})
     tf32: bool = True
     compile: bool = field(default=True, metadata={"help": "torch.compile the training forward (eval stays eager)"})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend (aot_eager: no C++ build)"})
     fused_adamw: bool = True
     cpu: bool = field(default=False, metadata={"help": "Accelerator(cpu=True): gloo ranks on CPU"})
     # evaluation and logging
@@ -91,19 +98,6 @@ class PretrainArgs:
     unigram_baseline: bool = field(default=False, metadata={"help": "print the unigram val loss of the data"})
 
 
-class RunProgress:
-    """Step and counters, saved with each checkpoint through accelerate's register_for_checkpointing."""
-
-    def __init__(self):
-        self.step, self.tokens, self.train_seconds = 0, 0, 0.0
-
-    def state_dict(self):
-        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds}
-
-    def load_state_dict(self, state):
-        self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
-
-
 def gradient_accumulation(args: PretrainArgs, world_size: int) -> int:
     tokens_per_micro_step = args.micro_batch_size * args.block_size * world_size
     if args.total_batch_size % tokens_per_micro_step:
@@ -114,26 +108,18 @@ def gradient_accumulation(args: PretrainArgs, world_size: int) -> int:
     return args.total_batch_size // tokens_per_micro_step
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())  # ".step_*.tmp" are unfinished saves
-    return done[-1] if done else None
+def check_args(args: PretrainArgs):
+    if args.optimizer == "muon" and args.precision == "fp16":
+        # accelerate updates its GradScaler after each optimizer, so AdamW's gradients would be unscaled twice.
+        raise ValueError("precision=fp16 with optimizer=muon is not supported (one GradScaler across two optimizers "
+                         "unscales the second one's gradients twice): use precision bf16 or fp32")  # fmt: skip
+    if args.max_steps < 1 or args.warmup_steps < 0:
+        raise ValueError(f"max_steps={args.max_steps}, warmup_steps={args.warmup_steps}: expected max_steps >= 1, "
+                         f"warmup_steps >= 0")  # fmt: skip
 
 
-def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, keep: int):
-    """accelerate's save_state into a temporary folder, renamed once every rank has written: a kill mid-save
-    leaves the previous checkpoint as the latest."""
-    final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".step_{step:06d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+def has_split(data_dir: str, split: str) -> bool:
+    return bool(load_manifest(data_dir)["splits"].get(split, {}).get("shards"))
 
 
 def unigram_loss(data_dir: str, max_tokens: int = 100_000_000) -> float:
@@ -154,28 +140,32 @@ def unigram_loss(data_dir: str, max_tokens: int = 100_000_000) -> float:
 
 class Pretrainer:
     def __init__(self, args: PretrainArgs):
+        check_args(args)
         self.args = args
         self.out = Path(args.output_dir)
         cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(
+        self.accelerator = acc = Accelerator(
             cpu=args.cpu,
             mixed_precision=mixed_precision(args.precision, torch.device("cpu" if args.cpu or not cuda else "cuda")),
             log_with=None if args.report_to == "none" else args.report_to,
             project_dir=str(self.out),
             step_scheduler_with_optimizer=False,  # our schedule counts optimizer steps, not steps × world size
         )
-        acc = self.accelerator
         if acc.device.type == "cuda" and args.tf32:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
         set_seed(args.seed)
         self.grad_accum = gradient_accumulation(args, acc.num_processes)
-        list_shards(args.data_dir, "train")  # fail now, with the folder named, if the data is missing
+        loader_args = dict(batch_size=args.micro_batch_size, seq_len=args.block_size, rank=acc.process_index,
+                           world_size=acc.num_processes)  # fmt: skip
+        self.train_loader = ShardLoader(args.data_dir, "train", seed=args.seed, **loader_args)
+        self.validate = has_split(args.data_dir, "val") and args.eval_interval > 0
+        if self.validate:  # a truncated or too-small val split fails now, not at the first evaluation
+            ShardLoader(args.data_dir, "val", shuffle=False, **loader_args)
+        elif args.eval_interval > 0:
+            acc.print(f"{args.data_dir} has no validation split: training without validation loss")
 
-        config = GPT2CustomConfig.from_preset(args.model_preset, block_size=args.block_size, dropout=args.dropout)
-        self.model = GPT2CustomForCausalLM(config)
-        self.model.set_attn_implementation(args.attn_implementation)
-        self.raw_model = self.model  # eval, sampling and saving use the uncompiled module
+        self.model = self.build_model()  # the raw module: evaluation, sampling and saving use it
         self.tokenizer = add_chat_format(load_tokenizer())  # saved with the model, so `trl sft` can start from it
         self.optimizers = build_optimizers(
             self.model.to(acc.device),
@@ -188,75 +178,93 @@ class Pretrainer:
         self.schedulers = build_schedulers(
             self.optimizers, warmup_steps=args.warmup_steps, max_steps=args.max_steps, min_lr_ratio=args.min_lr_ratio
         )
-        train_model = torch.compile(self.model) if args.compile else self.model
-        self.model, *rest = acc.prepare(train_model, *self.optimizers, *self.schedulers)
+        compiled = torch.compile(self.model, backend=args.compile_backend) if args.compile else self.model
+        self.train_model, *rest = acc.prepare(compiled, *self.optimizers, *self.schedulers)  # DDP / FSDP wrapped
         self.optimizers, self.schedulers = rest[: len(self.optimizers)], rest[len(self.optimizers) :]
-
-        self.train_loader = ShardLoader(
-            args.data_dir, "train", args.micro_batch_size, args.block_size,
-            rank=acc.process_index, world_size=acc.num_processes, seed=args.seed,
-        )  # fmt: skip
         self.next_batch = device_batches(self.train_loader, acc.device)
-        self.progress = RunProgress()
-        self.last_eval: dict = {}
-        acc.register_for_checkpointing(self.train_loader, self.progress)
 
-        self.flops_token = flops_per_token(config, args.block_size)
+        self.progress = RunProgress()
+        acc.register_for_checkpointing(self.train_loader, self.progress)
+        self.checkpoints = Checkpointer(acc, self.out / "checkpoints", self.model, keep=args.keep_checkpoints)
         gpu = detect_gpu(acc.device)
         self.gpu_name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
-        self.peak = args.peak_flops or (gpu.peak_bf16_flops if gpu else None)
-        self.price = args.gpu_price_per_hour or (gpu.dollars_per_hour if gpu else None)
+        self.logger = RunLogger(
+            self.out, acc, self.progress, tokens_per_step=args.total_batch_size, max_steps=args.max_steps,
+            flops_per_token=flops_per_token(self.model.config, args.block_size),
+            peak_flops=args.peak_flops or (gpu.peak_bf16_flops if gpu else None),
+            price_per_gpu_hour=args.gpu_price_per_hour or (gpu.dollars_per_hour if gpu else None),
+            log_interval=args.log_interval,
+        )  # fmt: skip
         self.hellaswag = self.load_hellaswag() if args.hellaswag_interval else None
 
+    def build_model(self) -> GPT2CustomForCausalLM:
+        args = self.args
+        if args.init_from:  # continue pretraining from a model folder or Hub id (ours or a stock GPT-2)
+            try:
+                model_type = AutoConfig.from_pretrained(args.init_from, trust_remote_code=True).model_type
+            except (OSError, ValueError) as e:
+                raise ValueError(f"init_from={args.init_from!r}: cannot read its config ({e})") from None
+            if model_type == "gpt2custom":
+                model = GPT2CustomForCausalLM.from_pretrained(args.init_from)
+            elif model_type == "gpt2":
+                model = import_gpt2(args.init_from)
+            else:
+                raise ValueError(f"init_from={args.init_from!r} is a {model_type!r} model: expected gpt2custom or gpt2")
+            if model.config.block_size < args.block_size:
+                raise ValueError(f"init_from={args.init_from} has a context of {model.config.block_size} tokens, "
+                                 f"block_size={args.block_size} needs more")  # fmt: skip
+            model.config.dropout = args.dropout
+        else:
+            config = GPT2CustomConfig.from_preset(args.model_preset, block_size=args.block_size, dropout=args.dropout)
+            model = GPT2CustomForCausalLM(config)
+        model.set_attn_implementation(args.attn_implementation)
+        return model.float().train()
+
     # ---------------------------------------------------------------- helpers
-    def print(self, *a):
-        self.accelerator.print(*a)
-
-    def log(self, row: dict):
-        """One JSON line in metrics.jsonl and the tracker (main process only)."""
-        if self.accelerator.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
-        self.accelerator.log(scalars, step=row["step"])
-
     def load_hellaswag(self):
         try:
             from gpt2custom.hellaswag import load_hellaswag
 
             examples = load_hellaswag(self.args.hellaswag_path)
         except Exception as e:  # offline machines train on; the user sees why HellaSwag is off
-            self.print(f"HellaSwag disabled: {e}")
+            self.accelerator.print(f"HellaSwag disabled: {e}")
             return None
         return examples[: self.args.hellaswag_limit] if self.args.hellaswag_limit else examples
 
-    def stop_diverged(self, what: str, ckpt_dir: Path):
+    def due(self, interval: int) -> bool:
+        """Every `interval` steps and always at the last one (0 = never)."""
+        step = self.progress.step
+        return bool(interval) and (step % interval == 0 or step == self.args.max_steps)
+
+    def stop_diverged(self, what: str):
+        latest = checkpoint_folders(self.checkpoints.dir)
         raise FloatingPointError(
-            f"{what}: stopping. The last good checkpoint is {latest_checkpoint(ckpt_dir)} (continue from it with "
+            f"{what}: stopping. The last good checkpoint is {latest[-1] if latest else None} (continue from it with "
             f"--resume true); try a lower learning_rate, grad_clip 1.0, or precision bf16 instead of fp16."
         )
 
-    def check_finite_weights(self, step: int, ckpt_dir: Path):
-        finite = torch.stack([torch.isfinite(p).all() for p in self.raw_model.parameters()]).all()
+    def check_finite_weights(self):
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
         if not self.accelerator.reduce(finite.float(), "min").item():
-            self.stop_diverged(f"weights are not finite after step {step}", ckpt_dir)
+            self.stop_diverged(f"weights are not finite after step {self.progress.step}")
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, step: int) -> dict:
-        args, acc, model = self.args, self.accelerator, self.raw_model
+    def evaluate(self) -> dict:
+        """Validation loss and HellaSwag on the raw model, under the same autocast as training whether or not the
+        training forward is compiled."""
+        args, acc, model = self.args, self.accelerator, self.model
         model.eval()
-        row = {"kind": "eval", "step": step}
-        losses = [
-            model(input_ids=x.to(acc.device), shift_labels=y.to(acc.device)).loss
-            for x, y in iter_eval_batches(
-                args.data_dir, "val", args.micro_batch_size, args.block_size,
-                rank=acc.process_index, world_size=acc.num_processes, max_batches=args.eval_batches or None,
-            )
-        ]  # fmt: skip
-        if losses:
+        row = {"kind": "eval", "step": self.progress.step}
+        if self.validate:
+            batches = iter_eval_batches(args.data_dir, "val", args.micro_batch_size, args.block_size,
+                                        rank=acc.process_index, world_size=acc.num_processes,
+                                        max_batches=args.eval_batches or None)  # fmt: skip
+            with acc.autocast():
+                losses = [model(input_ids=x.to(acc.device), shift_labels=y.to(acc.device), use_cache=False,
+                                skip_logits=True).loss for x, y in batches]  # fmt: skip
             row["val_loss"] = acc.reduce(torch.stack(losses).mean(), "mean").item()
-        if self.hellaswag and step % args.hellaswag_interval == 0:
+        if self.hellaswag and self.due(args.hellaswag_interval):
             from gpt2custom.hellaswag import evaluate_hellaswag
 
             result = evaluate_hellaswag(model, self.tokenizer, self.hellaswag, accelerator=acc, show_progress=False)
@@ -267,140 +275,103 @@ class Pretrainer:
     @torch.no_grad()
     def samples(self) -> list[str]:
         """A few continuations, sampled with their own RNG so training's random stream is untouched."""
-        args, model = self.args, self.raw_model
+        args, acc, model = self.args, self.accelerator, self.model
         model.eval()
-        prompts = self.tokenizer([args.sample_prompt] * args.num_samples, return_tensors="pt").to(self.accelerator.device)
-        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(args.seed + self.accelerator.process_index)
-            out = model.generate(
-                **prompts, do_sample=True, top_k=50, max_new_tokens=args.sample_tokens,
-                pad_token_id=self.tokenizer.eos_token_id,
-            )  # fmt: skip
+        prompts = self.tokenizer([args.sample_prompt] * args.num_samples, return_tensors="pt").to(acc.device)
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), acc.autocast():
+            torch.manual_seed(args.seed + acc.process_index)
+            out = model.generate(**prompts, do_sample=True, top_k=50, max_new_tokens=args.sample_tokens,
+                                 pad_token_id=self.tokenizer.eos_token_id)  # fmt: skip
         model.train()
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     # ---------------------------------------------------------------- training
     def train(self):
-        args, acc, progress = self.args, self.accelerator, self.progress
-        ckpt_dir = self.out / "checkpoints"
-        if acc.is_main_process:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        args, acc, progress, log = self.args, self.accelerator, self.progress, self.logger
         acc.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
-        if args.resume and (latest := latest_checkpoint(ckpt_dir)):
-            acc.load_state(str(latest))
-            self.print(f"resumed from {latest} at step {progress.step}")
-        tokens_per_step = args.total_batch_size
-        self.print(
-            f"{args.model_preset}: {sum(p.numel() for p in self.raw_model.parameters()):,} parameters, "
+        if args.resume and (latest := self.checkpoints.resume()):
+            acc.print(f"resumed from {latest} at step {progress.step}")
+            if progress.step >= args.max_steps and (self.out / "run_summary.json").exists():
+                acc.print(f"{self.out} finished at step {progress.step}: nothing to do")
+                return
+        acc.print(
+            f"{args.model_preset}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
             f"{acc.num_processes} process(es) on {self.gpu_name}, grad accumulation {self.grad_accum}, "
-            f"{tokens_per_step:,} tokens/step, {args.max_steps} steps, precision {acc.mixed_precision}"
+            f"{args.total_batch_size:,} tokens/step, {args.max_steps} steps, precision {acc.mixed_precision}"
         )
-        self.raw_model.train()
-        bar = tqdm(total=args.max_steps, initial=progress.step, disable=not acc.is_local_main_process, desc="pretrain")
-        window_start, window_steps = None, 0  # timing window: the training steps since the last log line
+        log.start()
         while progress.step < args.max_steps:
-            if window_start is None:
-                window_start = time.perf_counter()
-            loss, grad_norm = train_step(
-                self.model, self.next_batch, self.optimizers, self.schedulers, acc,
+            loss, grad_norm, lr = train_step(
+                self.train_model, self.next_batch, self.optimizers, self.schedulers, acc,
                 grad_accum=self.grad_accum, grad_clip=args.grad_clip,
             )  # fmt: skip
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            window_steps += 1
-            step = progress.step
-            last = step == args.max_steps
-            if step % args.log_interval == 0 or last:
-                loss_value = acc.reduce(loss, "mean").item()  # the one host sync per logged step
-                if not math.isfinite(loss_value):
-                    self.stop_diverged(f"loss is {loss_value} at step {step}", ckpt_dir)
-                if acc.device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - window_start
-                progress.train_seconds += seconds
-                tok_s = tokens_per_step * window_steps / seconds
-                window_start, window_steps = None, 0
-                row = {
-                    "kind": "train", "step": step, "loss": loss_value, "lr": self.schedulers[-1].get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": progress.tokens,
-                    "tokens_per_s": tok_s, "elapsed_s": progress.train_seconds,
-                }  # fmt: skip
-                util = mfu(tok_s / acc.num_processes, self.flops_token, self.peak)
-                spent = dollars(progress.train_seconds, acc.num_processes, self.price)
-                row.update({k: v for k, v in (("mfu", util), ("dollars", spent)) if v is not None})
-                self.log(row)
-                postfix = {"loss": f"{loss_value:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{tok_s:,.0f}"}
-                if util is not None:
-                    postfix["mfu"] = f"{util:.1%}"
-                if spent is not None:
-                    postfix["$"] = f"{spent:.2f}"
-                bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if step % args.eval_interval == 0 or last:
-                row = self.last_eval = self.evaluate(step)
-                self.log(row)
-                bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if args.sample_interval and (step % args.sample_interval == 0 or last) and acc.is_main_process:
-                for text in self.samples():
-                    bar.write(f"sample: {text!r}")
-            if step % args.checkpoint_interval == 0 or last:
-                self.check_finite_weights(step, ckpt_dir)  # never replace a good checkpoint with a broken one
-                save_checkpoint(acc, ckpt_dir, step, args.keep_checkpoints)
-        bar.close()
+            loss_value = log.step(loss, grad_norm, lr)
+            if loss_value is not None and not math.isfinite(loss_value):
+                self.stop_diverged(f"loss is {loss_value} at step {progress.step}")
+            with log.not_training():
+                if self.due(args.eval_interval) or (self.hellaswag and self.due(args.hellaswag_interval)):
+                    progress.last_eval = self.evaluate()
+                    log.eval_row(progress.last_eval)
+                if self.due(args.sample_interval):
+                    texts = self.samples()  # on every rank: a sharded model needs them all for its forwards
+                    for text in texts:
+                        log.write(f"sample: {text!r}")
+                if self.due(args.checkpoint_interval):
+                    self.check_finite_weights()  # never replace a good checkpoint with a broken one
+                    self.checkpoints.save(progress.step)
+        log.close()
         self.finish()
 
     def finish(self):
-        """The HF model folder, plots and the run summary."""
-        args, acc, progress = self.args, self.accelerator, self.progress
-        final = self.out / "final"
+        """The HF model folder, plots and the run summary; run_summary.json last, so its presence means done."""
+        args, acc = self.args, self.accelerator
+        final, tmp = self.out / "final", self.out / ".final.tmp"
         fsdp = acc.distributed_type == DistributedType.FSDP  # only FSDP needs the shards gathered
-        save_model_folder(
-            self.raw_model, final, self.tokenizer, is_main_process=acc.is_main_process,
-            state_dict=acc.get_state_dict(self.model) if fsdp else None,
-        )  # fmt: skip
-        last_eval = self.last_eval
-        tok_s = progress.tokens / max(progress.train_seconds, 1e-9)
-        summary = {
-            "tokens": progress.tokens,
-            "steps": progress.step,
-            "wall_time_s": progress.train_seconds,
-            "tokens_per_s": tok_s,
-            "mfu": mfu(tok_s / acc.num_processes, self.flops_token, self.peak),
-            "flops_per_token": self.flops_token,
-            "gpu": self.gpu_name,
-            "num_processes": acc.num_processes,
-            "dollars": dollars(progress.train_seconds, acc.num_processes, self.price),
-            "val_loss": last_eval.get("val_loss"),
-            "hellaswag_acc_norm": last_eval.get("hellaswag_acc_norm"),
-            "config": asdict(args),
-        }
+        state_dict = acc.get_state_dict(self.train_model) if fsdp else None
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model_folder(self.model, tmp, self.tokenizer, state_dict=state_dict)
+        self.logger.update_wall()
+        summary = {**self.logger.summary(), "gpu": self.gpu_name,
+                   "val_loss": self.progress.last_eval.get("val_loss"),
+                   "hellaswag_acc_norm": self.progress.last_eval.get("hellaswag_acc_norm"),
+                   "config": asdict(args)}  # fmt: skip
         baselines = {}
-        if args.unigram_baseline:
+        if args.unigram_baseline and self.validate:
             summary["unigram_val_loss"] = baselines["unigram"] = unigram_loss(args.data_dir)
         if acc.is_main_process:
-            (final / "run_summary.json").write_text(json.dumps(summary, indent=2))
-            shutil.copyfile(final / "run_summary.json", self.out / "run_summary.json")
+            (tmp / "run_summary.json").write_text(json.dumps(summary, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
             plot_training(self.out / "metrics.jsonl", self.out, baselines)
-            self.print(f"saved {final} and plots in {self.out}")
-            self.print(f"val loss {summary['val_loss']:.4f}" + (
-                f" (unigram baseline {summary['unigram_val_loss']:.4f})" if args.unigram_baseline else ""))
-            self.print(f"{progress.tokens:,} tokens in {progress.train_seconds:.1f} s = {tok_s:,.0f} tok/s" + (
-                f", MFU {summary['mfu']:.1%}" if summary["mfu"] else "") + (
-                f", ${summary['dollars']:.2f}" if summary["dollars"] is not None else ""))
-        acc.end_training()
+            atomic_write(self.out / "run_summary.json", json.dumps(summary, indent=2))
+            acc.print(f"saved {final} and plots in {self.out}")
+            acc.print(format_summary(summary))
+        acc.wait_for_everyone()
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv=None):
+    trainer = None
     try:
         (args,) = TrlParser((PretrainArgs,)).parse_args_and_config(argv)
         trainer = Pretrainer(args)
-    except (ValueError, FileNotFoundError) as e:  # bad config, batch sizes or data: one line, no traceback
-        sys.exit(f"pretrain.py: {e}")
-    try:
         trainer.train()
-    except FloatingPointError as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad config, data or checkpoint: one line
+        if torch.distributed.is_initialized():
+            # No orderly teardown: a barrier would wait for ranks that never hit the error; the launcher ends them.
+            print(f"pretrain.py: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
         sys.exit(f"pretrain.py: {e}")
+    trainer.train_model = None  # the DDP wrapper: its reducer must go before the process group
+    shutdown(trainer.accelerator)
 
 
 if __name__ == "__main__":

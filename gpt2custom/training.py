@@ -6,10 +6,11 @@ norms to AdamW, as modded-nanogpt does; `adjust_lr_fn="match_rms_adamw"` scales 
 share one learning rate and one schedule.
 """
 
+import math
 from contextlib import nullcontext
+from functools import partial
 
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 
 def mixed_precision(precision: str, device: torch.device) -> str:
@@ -72,35 +73,48 @@ def build_optimizers(
     return optimizers
 
 
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The LR of optimizer step `step` (0-based) as a fraction of the peak: build-nanogpt's `get_lr`.
+
+    Linear warmup that gives step 0 a nonzero LR ((step + 1) / warmup), then cosine decay to `min_lr_ratio` at
+    `max_steps` (the seed: 715, 19073, 0.1)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step > max_steps:
+        return min_lr_ratio
+    decay = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr_ratio + 0.5 * (1.0 + math.cos(math.pi * decay)) * (1.0 - min_lr_ratio)
+
+
 def build_schedulers(optimizers, *, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1):
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak at `max_steps` (the seed: 715, 19073, 0.1)."""
-    return [
-        get_cosine_with_min_lr_schedule_with_warmup(
-            opt, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio
-        )
-        for opt in optimizers
-    ]
+    """One `LambdaLR` per optimizer following `lr_factor`, stepped once per optimizer step."""
+    factor = partial(lr_factor, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
 
 
 def train_step(model, next_batch, optimizers, schedulers, accelerator, *, grad_accum: int, grad_clip: float | None):
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as device tensors.
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as device tensors and the
+    LR this step used (a float).
 
-    Gradients are all-reduced only on the last micro-step (`no_sync` before it), so DDP costs one all-reduce per
-    optimizer step. Nothing here syncs with the host: the caller decides when to read the loss.
+    The forward returns only the loss (`skip_logits`): no (B·T × V) logits, and nothing for accelerate's
+    mixed-precision wrapper to copy to fp32. Gradients are all-reduced only on the last micro-step (`no_sync` before
+    it), so DDP costs one all-reduce per optimizer step. Nothing here syncs with the host: the caller decides when
+    to read the loss.
     """
     loss_sum = None
     for micro_step in range(grad_accum):
         x, y = next_batch()
         last = micro_step == grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            loss = model(input_ids=x, shift_labels=y).loss / grad_accum
+            loss = model(input_ids=x, shift_labels=y, skip_logits=True).loss / grad_accum
             accelerator.backward(loss)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    lr = optimizers[-1].param_groups[0]["lr"]  # AdamW's; Muon's is scaled by the same schedule
     for opt in optimizers:
         opt.step()
     for sched in schedulers:
         sched.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, lr
