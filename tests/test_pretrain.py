@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_loss_falls_on_real_text_and_final_folder_loads(straight_run):
 
 def test_resume_after_sigkill_is_bitwise_identical(shards, straight_run, tmp_path):
     killed = tmp_path / "killed"
-    kill_after = random.Random().randint(5, 14)
+    kill_after = random.Random(14).randint(5, 14)  # seeded: a failure names the step it was killed at
     cmd = [sys.executable, "pretrain.py", "--data_dir", str(shards), "--output_dir", str(killed), *TINY_RUN, *STEPS]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,3 +160,118 @@ def test_unknown_option_is_rejected(shards, tmp_path, where, capsys):
         script.main(argv)
     assert exit_info.value.code != 0
     assert ("learning_rte" if where == "yaml" else "--learnin_rate") in str(exit_info.value) + capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- failures: one line, nothing damaged
+
+
+def tree_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def other_data(shards, tmp_path_factory, real_text):
+    """The same corpus prepared again differently (no validation split): a "re-prepared" data folder."""
+    root = tmp_path_factory.mktemp("other")
+    (root / "text.txt").write_text(real_text[:200_000], encoding="utf-8")
+    run_script("prepare_data.py", "--source", root / "text.txt", "--text_sample_by", "paragraph", "--out_dir",
+               root / "shards", "--val_tokens", "0", "--shard_size", "30000", "--num_proc", "1")  # fmt: skip
+    return root / "shards"
+
+
+def truncate(path, keep=100):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def corrupt_val_shard(data, out):
+    truncate(next(data.glob("*val*.bin")))
+
+
+def wrong_magic_train_shard(data, out):
+    path = next(data.glob("*train*.bin"))
+    path.write_bytes(b"\0" * 8 + path.read_bytes()[8:])
+
+
+def drop_manifest(data, out):
+    (data / "manifest.json").unlink()
+
+
+def drop_train_shard(data, out):
+    next(data.glob("*train*.bin")).unlink()
+
+
+@pytest.mark.parametrize(
+    ("case", "damage", "extra", "message"),
+    [
+        ("truncated val shard", corrupt_val_shard, [], "bytes, but manifest.json lists"),
+        ("wrong-magic train shard", wrong_magic_train_shard, [], "magic number"),
+        ("missing manifest", drop_manifest, [], "has no manifest.json"),
+        ("missing train shard", drop_train_shard, [], "but missing"),
+        ("other block_size on resume", None, ["--resume", "true", "--block_size", "16", "--total_batch_size", "64"],
+         "was saved with block_size=32 (this run: 16)"),
+        ("re-prepared data on resume", "other", ["--resume", "true"], "cannot resume from"),
+        ("fp16 with Muon", None, ["--precision", "fp16", "--optimizer", "muon"], "precision=fp16 with optimizer=muon"),
+    ],
+)  # fmt: skip
+def test_each_failure_is_one_line_naming_the_thing_and_damages_nothing(
+    shards, other_data, straight_run, tmp_path, capsys, case, damage, extra, message
+):
+    import pretrain as script
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(other_data if damage == "other" else shards, data)
+    shutil.copytree(straight_run[0], out)
+    if callable(damage):
+        damage(data, out)
+    before = tree_bytes(out), tree_bytes(data)
+    argv = ["--data_dir", str(data), "--output_dir", str(out), *TINY_RUN, *STEPS, *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    error = str(exit_info.value)
+    assert error.startswith("pretrain.py: ") and message in error and "\n" not in error, (case, error)
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tree_bytes(out), tree_bytes(data)) == before, case
+
+
+def test_data_without_validation_split_trains_and_says_so(other_data, tmp_path, capsys):
+    import pretrain as script
+
+    script.main(["--data_dir", str(other_data), "--output_dir", str(tmp_path / "run"), *TINY_RUN,
+                 "--max_steps", "2", "--eval_interval", "1"])  # fmt: skip
+    assert "has no validation split" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["val_loss"] is None
+
+
+def test_resume_on_a_finished_run_changes_nothing(shards, straight_run, tmp_path, capsys):
+    import pretrain as script
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    before = tree_bytes(out)
+    script.main(["--data_dir", str(shards), "--output_dir", str(out), *TINY_RUN, *STEPS, "--resume", "true"])
+    assert "nothing to do" in capsys.readouterr().out
+    assert tree_bytes(out) == before
+
+
+@pytest.mark.parametrize("state", ["corrupt latest checkpoint", "killed in finish: no final", "killed in finish: no summary"])
+def test_resume_recovers_to_the_same_final_weights(shards, straight_run, tmp_path, capsys, state):
+    import pretrain as script
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    (out / "run_summary.json").unlink()
+    if state == "corrupt latest checkpoint":  # and killed before final/: it falls back to step 12
+        truncate(out / "checkpoints" / "step_000016" / "model.safetensors", keep=5000)
+        shutil.rmtree(out / "final")
+    elif state == "killed in finish: no final":
+        (out / "final").rename(out / ".final.tmp")
+        truncate(out / ".final.tmp" / "model.safetensors", keep=5000)
+    script.main(["--data_dir", str(shards), "--output_dir", str(out), *TINY_RUN, *STEPS, "--resume", "true"])
+    printed = capsys.readouterr().out
+    if state == "corrupt latest checkpoint":
+        assert "step_000016 is incomplete (model.safetensors has 5000 bytes" in printed
+        assert "resumed from" in printed and "step_000012" in printed
+    a, b = load_file(straight_run[0] / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 16 and summary["val_loss"] is not None
