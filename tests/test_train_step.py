@@ -65,7 +65,7 @@ def train(model, batches, accelerator, *, steps, compile=None, grad_accum=1, **o
     stream = iter(batches)
     losses = []
     for _ in range(steps):
-        loss, _ = train_step(train_model, lambda: next(stream), optimizers, schedulers, accelerator,
+        loss, _, _ = train_step(train_model, lambda: next(stream), optimizers, schedulers, accelerator,
                              grad_accum=grad_accum, grad_clip=1.0)  # fmt: skip
         losses.append(loss.item())
     accelerator.free_memory()
