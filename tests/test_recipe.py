@@ -356,3 +356,20 @@ def test_two_ranks_then_one_process_continue_the_same_run(recipe_data, eager_run
     assert_same_run(two, eager_run)
     out = continue_run(recipe_data, two, tmp_path, "--compile", "false")
     assert_same_run(out, eager_run)
+
+
+@pytest.mark.slow
+def test_bf16_run_learns_saves_fp32_weights_and_stays_close_to_fp32(recipe_data, eager_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    pretrain(recipe_data, out, "--compile", "false", "--precision", "bf16", "--hellaswag_interval", "0")
+    bf16, fp32 = rows(out, "train"), rows(eager_run, "train")
+    assert all(math.isfinite(r["loss"]) for r in bf16)
+    assert sum(r["loss"] for r in bf16[-3:]) / 3 < bf16[0]["loss"] - 1.0
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(bf16, fp32)) < 0.05  # bf16 matmuls, fp32 master weights
+    assert all(t.dtype == torch.float32 for t in final_weights(out).values())
+    x = torch.randint(0, 50257, (1, T), generator=torch.Generator().manual_seed(0))
+    logits = [AutoModelForCausalLM.from_pretrained(run / "final", trust_remote_code=True)(x).logits
+              for run in (out, eager_run)]  # fmt: skip
+    assert (logits[0] - logits[1]).abs().max() < 0.5
