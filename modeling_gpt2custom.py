@@ -158,9 +158,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             t = t.clamp(min=0).unsqueeze(1)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             loss = loss + ((lse - logits.gather(1, t)) * valid).sum()
-            grad = torch.exp(logits - lse).scatter_add_(1, t, -valid.float()) * valid  # d(sum of losses)/d(logits)
+            # d(sum of losses)/d(logits) = softmax − one-hot, in place: one chunk-sized fp32 buffer, not three
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, -valid.float()).mul_(valid)
             grad_hidden[start : start + chunk_size] = grad @ weight
             grad_weight += grad.t() @ h
+            del logits, grad  # freed before the next chunk's logits exist
         ctx.save_for_backward(grad_hidden / divisor, grad_weight / divisor)
         ctx.weight_dtype = weight.dtype
         return loss / divisor
