@@ -1,4 +1,5 @@
-"""Evaluate and compare causal LMs: HellaSwag in two named conventions, plus perplexity, side by side.
+"""Evaluate and compare causal LMs: HellaSwag in two named conventions, perplexity, and the standard zero-shot suite
+through lm-evaluation-harness, side by side.
 
 Any number of models in one call: our checkpoint folders, a stock GPT2LMHeadModel export, or a Hub causal LM
 (`openai-community/gpt2`). HellaSwag validation (10,042 examples, zero-shot) is downloaded once into the cache
@@ -9,14 +10,27 @@ Conventions (they give different numbers for the same model; every number says w
   harness     lm-evaluation-harness: preprocessed "activity_label: ctx_a Ctx_b", acc_norm by characters
 Published, GPT-2 124M (openai-community/gpt2): completion acc 28.59 / acc_norm 29.55; harness 28.92 / 31.14.
 
-Outputs in --out_dir: eval_results.json ({"hellaswag": {split, n, limit, source}, "results": [{"model",
-"hellaswag_completion": {acc, acc_norm}, "hellaswag_harness": {...}, "perplexity": {dataset, loss, ppl, tokens}}]}),
-eval_results.png (bar chart), and the table on stdout.
+Zero-shot suite (`--tasks suite` = hellaswag arc_easy arc_challenge piqa winogrande lambada_openai, or any lm-eval
+task names): EleutherAI's lm-evaluation-harness (`pip install -r requirements-eval.txt`) runs on the model object this
+script loaded (`HFLM(pretrained=model, tokenizer=...)`), so our checkpoints, stock GPT-2 and Hub causal LMs go through
+one code path; the numbers are comparable with those in papers and on model cards. `--task_data TASK=FILE` scores a
+default task's own definition on a local copy of its data (Hub format, .jsonl/.parquet); `--include_path DIR` adds
+task YAMLs. Our fast HellaSwag scorer stays for in-loop evaluation and agrees with lm-eval's pick on every example
+(tests/test_lmeval.py); `--conventions none` skips it. GPT-2 124M with lm-eval 0.4, 0-shot, as commonly reported
+(not re-measured here: run `--models openai-community/gpt2 --tasks suite` to check): hellaswag acc_norm 31.1,
+arc_easy acc 43.8, arc_challenge acc_norm 22.7, piqa acc 62.9, winogrande acc 51.6, lambada_openai acc 32.6 / ppl 40.1.
+
+Outputs in --out_dir: eval_results.json ({"hellaswag": {split, n, limit, source}, "lm_eval": {version, num_fewshot,
+limit, tasks: {task: {dataset, dataset_name, split, n, task_version}}}, "results": [{"model",
+"hellaswag_completion": {acc, acc_norm}, "hellaswag_harness": {...}, "lm_eval": {task: {acc, acc_stderr, ...}},
+"perplexity": {dataset, loss, ppl, tokens}}]}), eval_results.png (bar chart), and the table on stdout.
 
     python eval_hellaswag.py --models runs/gpt2-124m/final openai-community/gpt2 --limit 1000
     python eval_hellaswag.py --models runs/gpt2-124m/final --perplexity data/fineweb-edu-10B --perplexity_max_tokens 1000000
     python eval_hellaswag.py --models openai-community/gpt2 --perplexity wikitext --perplexity_config wikitext-2-raw-v1 --stride 512
-    accelerate launch eval_hellaswag.py --models ...                   # examples split across the GPUs
+    python eval_hellaswag.py --models runs/gpt2-124m/final openai-community/gpt2 --tasks suite --conventions none
+    python eval_hellaswag.py --models runs/gpt2-124m/final --tasks hellaswag arc_easy --task_data hellaswag=hs.jsonl
+    accelerate launch eval_hellaswag.py --models ...                   # examples split across the GPUs (not --tasks)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval_hellaswag.py --models ... --cpu true
 """
 
@@ -29,7 +43,18 @@ from accelerate import Accelerator
 from trl import TrlParser
 
 from gpt2custom.checkpoints import load_model
-from gpt2custom.evaluation import load_perplexity_tokens, perplexity, plot_comparison, results_table, write_json
+from gpt2custom.distributed import shutdown
+from gpt2custom.evaluation import (
+    DEFAULT_TASKS,
+    lm_eval_version,
+    load_perplexity_tokens,
+    local_task_file,
+    perplexity,
+    plot_comparison,
+    results_table,
+    run_lm_eval,
+    write_json,
+)
 from gpt2custom.hellaswag import CONVENTIONS, GITHUB_URLS, evaluate_hellaswag, load_hellaswag
 from gpt2custom.tokenizer import load_tokenizer
 
@@ -37,7 +62,14 @@ from gpt2custom.tokenizer import load_tokenizer
 @dataclass
 class EvalArgs:
     models: list[str] = field(default_factory=list, metadata={"help": "model folders or Hub ids, any number"})
-    conventions: list[str] = field(default_factory=lambda: list(CONVENTIONS), metadata={"help": "completion harness"})
+    conventions: list[str] = field(default_factory=lambda: list(CONVENTIONS),
+                                   metadata={"help": "our HellaSwag scorer: completion harness, or none"})
+    tasks: list[str] = field(default_factory=list, metadata={"help": "lm-eval tasks; suite = the 6 default ones"})
+    task_data: list[str] = field(default_factory=list, metadata={"help": "TASK=FILE: a default task on local data"})
+    include_path: str | None = field(default=None, metadata={"help": "folder of extra lm-eval task YAMLs"})
+    num_fewshot: int = field(default=0, metadata={"help": "lm-eval few-shot examples (0 = zero-shot)"})
+    lm_eval_batch_size: int = field(default=16, metadata={"help": "lm-eval requests per forward"})
+    bootstrap_iters: int = field(default=100_000, metadata={"help": "lm-eval's bootstrap for non-mean stderrs"})
     hellaswag_path: str | None = field(default=None, metadata={"help": "local .jsonl/.parquet or URL; default: download"})
     split: str = field(default="validation", metadata={"help": "HellaSwag split to download"})
     cache_dir: str | None = field(default=None, metadata={"help": "download cache; default $GPT2CUSTOM_CACHE/hellaswag"})
@@ -57,9 +89,17 @@ class EvalArgs:
     def __post_init__(self):
         if not self.models:
             raise ValueError("pass at least one model: --models PATH_OR_HUB_ID [...]")
+        if self.conventions == ["none"]:
+            self.conventions = []
         unknown = [c for c in self.conventions if c not in CONVENTIONS]
         if unknown:
-            raise ValueError(f"unknown convention(s) {unknown}; expected some of {list(CONVENTIONS)}")
+            raise ValueError(f"unknown convention(s) {unknown}; expected some of {list(CONVENTIONS)}, or none")
+        self.tasks = list(dict.fromkeys(t for name in self.tasks for t in (DEFAULT_TASKS if name == "suite" else [name])))
+        bad = [item for item in self.task_data if item.count("=") != 1 or item.split("=")[0] not in self.tasks]
+        if bad:
+            raise ValueError(f"--task_data {bad}: expected TASK=FILE with TASK one of --tasks {self.tasks}")
+        if not self.conventions and not self.tasks and not self.perplexity:
+            raise ValueError("nothing to evaluate: --conventions none without --tasks or --perplexity")
 
 
 def tokenizer_for(model_name: str, override: str | None):
@@ -72,7 +112,22 @@ def tokenizer_for(model_name: str, override: str | None):
     return load_tokenizer(model_name)
 
 
-def evaluate_model(name: str, args: EvalArgs, examples: list[dict], accelerator: Accelerator) -> dict:
+def lm_eval_include_paths(args: EvalArgs) -> list[str]:
+    """--include_path, plus a folder of task files pointing the --task_data tasks at their local files (written
+    into --out_dir, a record of what was scored)."""
+    paths = [args.include_path] if args.include_path else []
+    if args.task_data:
+        folder = Path(args.out_dir) / "lm_eval_tasks"
+        for item in args.task_data:
+            task, data_file = item.split("=")
+            local_task_file(folder, task, data_file)
+        paths.append(str(folder))
+    return paths
+
+
+def evaluate_model(name: str, args: EvalArgs, examples: list[dict], accelerator: Accelerator,
+                   lm_eval_info: dict, include_paths: list[str]) -> dict:
+    """One model's results row; lm-eval's run description (version, tasks' data) goes into `lm_eval_info`."""
     model = load_model(name).to(accelerator.device).eval()
     tokenizer = tokenizer_for(name, args.tokenizer)
     row = {"model": name}
@@ -80,6 +135,15 @@ def evaluate_model(name: str, args: EvalArgs, examples: list[dict], accelerator:
         result = evaluate_hellaswag(model, tokenizer, examples, convention, args.batch_size, accelerator)
         row[f"hellaswag_{convention}"] = {"acc": result["acc"], "acc_norm": result["acc_norm"]}
         accelerator.print(f"{name}: hellaswag {convention} acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}")
+    if args.tasks:
+        summary = run_lm_eval(model, tokenizer, args.tasks, include_path=include_paths,
+                              limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.lm_eval_batch_size,
+                              bootstrap_iters=args.bootstrap_iters)
+        row["lm_eval"] = summary.pop("scores")
+        lm_eval_info.update(summary)
+        for task, scores in row["lm_eval"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.endswith("_stderr"))
+            accelerator.print(f"{name}: lm-eval {summary['version']} {task}: {shown}")
     if args.perplexity:
         tokens, description = load_perplexity_tokens(args.perplexity, tokenizer, args.perplexity_split,
                                                      args.perplexity_config, args.perplexity_column,
@@ -98,23 +162,36 @@ def main(argv=None):
     try:
         (args,) = TrlParser((EvalArgs,)).parse_args_and_config(argv)
         accelerator = Accelerator(cpu=args.cpu)
-        with accelerator.main_process_first():  # one download, then the other ranks read the cache
-            examples = load_hellaswag(args.hellaswag_path, args.split, args.cache_dir)
-        examples = examples[: args.limit] if args.limit else examples
-        results = [evaluate_model(name, args, examples, accelerator) for name in args.models]
+        include_paths = []
+        if args.tasks:
+            lm_eval_version()  # installed? (one clear line if not)
+            include_paths = lm_eval_include_paths(args)  # bad --task_data fails here, before any model loads
+            if accelerator.num_processes > 1:
+                raise ValueError("--tasks runs lm-eval in one process: launch without accelerate for it (lm-eval's "
+                                 "own `accelerate launch -m lm_eval --model hf` splits one model across GPUs)")
+        examples = []
+        if args.conventions:
+            with accelerator.main_process_first():  # one download, then the other ranks read the cache
+                examples = load_hellaswag(args.hellaswag_path, args.split, args.cache_dir)
+            examples = examples[: args.limit] if args.limit else examples
+        lm_eval_info = {}
+        results = [evaluate_model(name, args, examples, accelerator, lm_eval_info, include_paths)
+                   for name in args.models]
     except (ValueError, FileNotFoundError) as e:  # bad input: one line naming the file, key or model; no traceback
         raise SystemExit(f"eval_hellaswag.py: error: {e}") from None
     if accelerator.is_main_process:
         out_dir = Path(args.out_dir)
         source = args.hellaswag_path or GITHUB_URLS.get(args.split)
+        hellaswag = {"split": args.split, "n": len(examples), "limit": args.limit, "source": source}
         write_json(out_dir / "eval_results.json", {
-            "hellaswag": {"split": args.split, "n": len(examples), "limit": args.limit, "source": source},
+            **({"hellaswag": hellaswag} if args.conventions else {}),
+            **({"lm_eval": lm_eval_info} if args.tasks else {}),
             "results": results,
         })
         plot_comparison(results, out_dir / "eval_results.png")
         print(results_table(results))
         print(f"wrote {out_dir / 'eval_results.json'} and {out_dir / 'eval_results.png'}")
-    accelerator.end_training()  # tears down the process group cleanly under accelerate launch
+    shutdown(accelerator)  # every rank ends its process group in order: none can hang at exit
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 The uploaded folder holds: model.safetensors, config.json with auto_map plus modeling_gpt2custom.py and
 configuration_gpt2custom.py (loaded with trust_remote_code=True), generation_config.json (role markers stop
 generation), the tokenizer with the chat template, handler.py and requirements.txt for a custom Inference Endpoint,
-and README.md: a model card whose `model-index` holds eval_hellaswag.py's results and whose training section shows
-run_summary.json (tokens, time, throughput, MFU, GPU, cost) when the checkpoint folder has one.
+and README.md: a model card whose `model-index` holds eval_hellaswag.py's results (and eval_chat.py's judged win rate,
+`--chat_eval`) and whose training section shows run_summary.json (tokens, time, throughput, MFU, GPU, cost) when the
+checkpoint folder has one.
 
     python publish.py --model_dir runs/gpt2-124m/final --repo_id me/gpt2custom-124m --dry_run out/publish  # look first
     python publish.py --model_dir runs/gpt2-124m/final --repo_id me/gpt2custom-124m --eval_json eval.json \\
@@ -44,6 +45,9 @@ class PublishArgs:
     eval_json: str | None = field(
         default=None, metadata={"help": "eval_hellaswag.py's JSON for the card's model-index"}
     )
+    chat_eval: str | None = field(
+        default=None, metadata={"help": "eval_chat.py's chat_eval.json: judged win rate and examples on the card"}
+    )
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the model this one was fine-tuned from"})
     datasets: list[str] = field(default_factory=list, metadata={"help": "Hub ids of the training data sets"})
     tags: list[str] = field(default_factory=list, metadata={"help": "extra card tags"})
@@ -58,6 +62,7 @@ def main(argv=None):
         repo_id=args.repo_id,
         stock_gpt2=args.stock_gpt2,
         eval_json=args.eval_json,
+        chat_eval=args.chat_eval,
         base_model=args.base_model,
         datasets=args.datasets,
         tags=args.tags,

@@ -7,12 +7,19 @@ them sees at least ``max_length - stride`` tokens of context. ``stride == max_le
 non-overlapping windows, as the pretraining validation loss on windows of ``T + 1`` tokens does. Every window has the
 same length: the last one ends at the last token and scores only what its predecessors left, so batches need no
 padding.
+
+The zero-shot suite runs through EleutherAI's lm-evaluation-harness (``lm-eval``, an optional dependency:
+``pip install -r requirements-eval.txt``) on the loaded model object, so our remote-code model, our tokenizer and any
+Hub causal LM go through the same code path as the numbers in papers and on model cards. Every number keeps its task,
+metric and harness version. ``local_task_file`` points a stock task definition at local data files (offline runs,
+tests), overriding only where the data comes from.
 """
 
 import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +138,139 @@ def load_perplexity_tokens(source: str, tokenizer, split: str | None = None, con
     return text_tokens(text, tokenizer, max_tokens), f"{source}{'/' + config if config else ''} ({split})"
 
 
+# ------------------------------------------------------------------------------------ lm-evaluation-harness suite
+
+# The zero-shot suite of GPT-2-sized model cards (Pythia, OPT, SmolLM...), in lm-eval's task names.
+DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai")
+
+
+@dataclass(frozen=True)
+class StockTask:
+    """Where lm-eval keeps a default task's definition, which split it scores, and what picking at random scores."""
+
+    yaml: str  # relative to lm_eval/tasks
+    split: str
+    chance: float | None  # accuracy of a random pick; None for tasks without a fixed number of choices
+
+
+STOCK_TASKS = {
+    "hellaswag": StockTask("hellaswag/hellaswag.yaml", "validation", 0.25),
+    "arc_easy": StockTask("arc/arc_easy.yaml", "test", 0.25),  # a few ARC questions have 3 or 5 choices
+    "arc_challenge": StockTask("arc/arc_challenge.yaml", "test", 0.25),
+    "piqa": StockTask("piqa/piqa.yaml", "validation", 0.5),
+    "winogrande": StockTask("winogrande/default.yaml", "validation", 0.5),
+    "lambada_openai": StockTask("lambada/lambada_openai.yaml", "test", None),
+}
+ACCURACY_METRICS = ("acc", "acc_norm")
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        raise ValueError("--tasks needs lm-evaluation-harness: pip install -r requirements-eval.txt") from None
+
+
+def local_task_file(folder: "str | Path", task: str, data_file: "str | Path") -> Path:
+    """Write ``folder/<task>.yaml``: lm-eval's own definition of ``task`` (``include``d, so prompts, choices and
+    metrics stay the harness's) reading the split it scores from a local JSON Lines / JSON / CSV / Parquet file in the
+    Hub dataset's format. Pass ``folder`` as the TaskManager's include path; the task keeps its name."""
+    import lm_eval.tasks
+
+    if task not in STOCK_TASKS:
+        raise ValueError(f"local data for task {task!r}: known for {sorted(STOCK_TASKS)}; for another task write a "
+                         "YAML that includes lm-eval's own and pass its folder as --include_path")
+    data_file = Path(data_file).resolve()
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not data_file.is_file() or data_file.suffix not in builders:
+        raise ValueError(f"local data for task {task!r}: {data_file} is not a {'/'.join(builders)} file")
+    stock = STOCK_TASKS[task]
+    config = {
+        "include": str(Path(lm_eval.tasks.__file__).parent / stock.yaml),
+        "task": task,
+        "dataset_path": builders[data_file.suffix],
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {stock.split: str(data_file)}},
+        # only the scored split exists locally: no few-shot pool (0-shot, as the default suite is)
+        "training_split": None,
+        "validation_split": stock.split if stock.split == "validation" else None,
+        "test_split": stock.split if stock.split == "test" else None,
+        "fewshot_split": None,
+    }
+    path = Path(folder) / f"{task}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def task_manager(tasks: list[str], include_path=None):
+    """lm-eval's TaskManager for ``tasks``, with the task folder(s) ``include_path`` (a path or a list) first.
+    Indexing the stock tasks takes ~12 s, so it is skipped when ``include_path`` defines every task asked for."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path or [])]
+    if paths:
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if set(tasks) <= set(manager.all_tasks):
+            return manager
+    manager = TaskManager(include_path=paths or None)
+    unknown = sorted(set(tasks) - set(manager.all_tasks))
+    if unknown:
+        raise ValueError(f"--tasks {unknown}: not lm-eval tasks (`lm-eval ls tasks` lists them)")
+    return manager
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path=None,
+                limit: int | None = None, num_fewshot: int = 0, batch_size: int = 16, bootstrap_iters: int = 100_000,
+                log_samples: bool = False) -> dict:
+    """lm-eval's ``simple_evaluate`` on a loaded causal LM (``HFLM(pretrained=model, tokenizer=tokenizer)``).
+
+    Returns ``{"version", "num_fewshot", "limit", "tasks": {task: {"dataset", "dataset_name", "split", "n",
+    "task_version"}}, "scores": {task: {metric: value, metric + "_stderr": value}}}``, plus lm-eval's per-example
+    records under ``"samples"`` with ``log_samples``. Metrics of the default filter keep their plain names."""
+    version = lm_eval_version()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    device = next(model.parameters()).device
+    # bf16 autocast on GPUs, as our own scorer does (inference_autocast); full precision on CPU
+    mixed = inference_autocast(device).fast_dtype if device.type == "cuda" else None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=mixed)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(tasks, include_path),
+                                  num_fewshot=num_fewshot, limit=limit, bootstrap_iters=bootstrap_iters,
+                                  log_samples=log_samples)
+    return lm_eval_summary(out, tasks, version, num_fewshot, limit, log_samples)
+
+
+def lm_eval_summary(out: dict, tasks: list[str], version: str, num_fewshot: int, limit: int | None,
+                    log_samples: bool = False) -> dict:
+    """The parts of simple_evaluate's output that we publish, named by task and metric."""
+    summary = {"version": version, "num_fewshot": num_fewshot, "limit": limit, "tasks": {}, "scores": {}}
+    for task in tasks:
+        config = out["configs"][task]
+        data_files = (config.get("dataset_kwargs") or {}).get("data_files")
+        split = config.get("test_split") or config.get("validation_split")
+        summary["tasks"][task] = {
+            "dataset": config.get("dataset_path") if not data_files else str(next(iter(data_files.values()))),
+            "dataset_name": config.get("dataset_name"),
+            "split": split,
+            "n": out["n-samples"][task]["effective"],
+            "task_version": out["versions"].get(task),
+        }
+        scores = {}
+        for key, value in out["results"][task].items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or not isinstance(value, (int, float)):
+                continue  # "alias", "name", "sample_len"
+            scores[metric if filter_name == "none" else f"{metric} ({filter_name})"] = float(value)
+        summary["scores"][task] = scores
+    if log_samples:
+        summary["samples"] = out["samples"]
+    return summary
+
+
 # -------------------------------------------------------------------------------------------------- comparison
 
 METRIC_COLUMNS = [(f"hellaswag_{c}", m) for c in CONVENTIONS for m in ("acc", "acc_norm")]
@@ -147,15 +287,38 @@ def write_json(path: "str | Path", payload: dict):
     os.replace(tmp, path)
 
 
+def score_columns(results: list[dict]) -> list[tuple[str, str, str]]:
+    """``(label, row key, metric)`` of every score some row has: our HellaSwag conventions, then lm-eval's tasks
+    (row ``"lm_eval"`` dict) in the order run; stderrs are left out."""
+    columns = [(f"{key.removeprefix('hellaswag_')} {metric}", key, metric)
+               for key, metric in METRIC_COLUMNS if any(key in r for r in results)]
+    seen = {}
+    for r in results:
+        for task, scores in (r.get("lm_eval") or {}).items():
+            for metric in scores:
+                if not metric.endswith("_stderr"):
+                    seen.setdefault((task, metric), None)
+    return columns + [(f"{task} {metric}", task, metric) for task, metric in seen]
+
+
+def score_of(row: dict, key: str, metric: str) -> float | None:
+    scores = row.get(key) if key.startswith("hellaswag_") else (row.get("lm_eval") or {}).get(key)
+    return (scores or {}).get(metric)
+
+
 def results_table(results: list[dict]) -> str:
-    """A fixed-width table: one row per model, HellaSwag accuracies in %, perplexity when measured."""
-    columns = [(key, metric) for key, metric in METRIC_COLUMNS if any(key in r for r in results)]
-    headers = ["model"] + [f"{key.removeprefix('hellaswag_')} {metric}" for key, metric in columns]
+    """A fixed-width table: one row per model, accuracies in %, lm-eval's other metrics (LAMBADA perplexity) and
+    our perplexity as they are."""
+    columns = score_columns(results)
+    headers = ["model"] + [label for label, _, _ in columns]
     with_ppl = any("perplexity" in r for r in results)
     headers += ["loss", "ppl"] if with_ppl else []
     rows = []
     for r in results:
-        row = [r["model"]] + [f"{100 * r[key][metric]:.2f}" if key in r else "-" for key, metric in columns]
+        row = [r["model"]]
+        for _, key, metric in columns:
+            value = score_of(r, key, metric)
+            row.append("-" if value is None else f"{100 * value:.2f}" if metric in ACCURACY_METRICS else f"{value:.2f}")
         if with_ppl:
             p = r.get("perplexity")
             row += [f"{p['loss']:.4f}", f"{p['ppl']:.2f}"] if p else ["-", "-"]
@@ -167,24 +330,31 @@ def results_table(results: list[dict]) -> str:
 
 
 def plot_comparison(results: list[dict], path: "str | Path"):
-    """A grouped bar chart of the HellaSwag accuracies, one bar per model in each metric group."""
+    """A grouped bar chart of every accuracy (HellaSwag by convention, lm-eval's tasks), one bar per model in each
+    group, with each group's chance level drawn across it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [(key, metric) for key, metric in METRIC_COLUMNS if any(key in r for r in results)]
+    columns = [c for c in score_columns(results) if c[2] in ACCURACY_METRICS]
     width = 0.8 / max(1, len(results))
     fig, ax = plt.subplots(figsize=(2 + 1.8 * len(columns), 4.5))
     for i, r in enumerate(results):
         xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(columns))]
-        ys = [100 * r[key][metric] if key in r else 0.0 for key, metric in columns]
+        ys = [100 * (score_of(r, key, metric) or 0.0) for _, key, metric in columns]
         bars = ax.bar(xs, ys, width, label=r["model"])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.axhline(25.0, linestyle="--", linewidth=1, color="gray", label="chance (25%)")
-    ax.set_xticks(range(len(columns)), [f"{key.removeprefix('hellaswag_')}\n{metric}" for key, metric in columns])
-    ax.set_ylabel("HellaSwag accuracy (%)")
-    ax.set_title("HellaSwag (zero-shot), by convention")
+    labelled = False
+    for j, (_, key, _) in enumerate(columns):
+        level = STOCK_TASKS[key].chance if key in STOCK_TASKS else 0.25 if key.startswith("hellaswag_") else None
+        if level is not None:
+            ax.hlines(100 * level, j - 0.45, j + 0.45, linestyles="--", linewidth=1, color="gray",
+                      label=None if labelled else "chance")
+            labelled = True
+    ax.set_xticks(range(len(columns)), [label.replace(" ", "\n") for label, _, _ in columns])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Zero-shot accuracy (HellaSwag by convention; lm-evaluation-harness tasks)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

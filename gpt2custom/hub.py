@@ -5,7 +5,9 @@
     upload_folder(folder, "org/gpt2custom-124m", private=True, revision="v1")
 
 The card's `model-index` holds the HellaSwag and perplexity numbers of `eval_hellaswag.py`'s JSON; each HellaSwag
-metric names its scoring convention, because the two conventions differ by several points on the same model.
+metric names its scoring convention, because the two conventions differ by several points on the same model. Its
+lm-evaluation-harness numbers (`--tasks`) are named by task, metric and harness version. `eval_chat.py`'s summary
+(`chat_eval`) adds the judged win rate against its baseline and a few side-by-side answers.
 """
 
 import json
@@ -58,6 +60,22 @@ def read_eval_json(eval_json: "str | Path | dict") -> dict:
     for i, row in enumerate(data["results"]):
         if not isinstance(row, dict) or "model" not in row:
             raise ValueError(f"{where}: results[{i}] has no 'model' key")
+    return data
+
+
+def read_chat_eval(chat_eval: "str | Path | dict") -> dict:
+    """eval_chat.py's chat_eval.json: `{"model", "baseline", "judge", "prompts", "counts", "rates", ...}`."""
+    if isinstance(chat_eval, dict):
+        data, where = chat_eval, "chat eval results"
+    else:
+        where = str(chat_eval)
+        try:
+            data = json.loads(Path(chat_eval).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where}: cannot read eval_chat.py's JSON: {e}") from e
+    missing = [k for k in ("baseline", "judge", "prompts", "counts", "rates", "decided") if k not in data]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; expected eval_chat.py's chat_eval.json")
     return data
 
 
@@ -119,6 +137,86 @@ def eval_results_for(row: dict, hellaswag: dict) -> list[EvalResult]:
             )
         )
     return results
+
+
+# lm-eval task -> (dataset id on the Hub, the card's name for it), for tasks scored on local copies of their data
+LM_EVAL_DATASETS = {
+    "hellaswag": ("Rowan/hellaswag", "HellaSwag"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "piqa": ("baber/piqa", "PIQA"),
+    "winogrande": ("allenai/winogrande", "WinoGrande"),
+    "lambada_openai": ("EleutherAI/lambada_openai", "LAMBADA (OpenAI)"),
+}
+
+
+def lm_eval_results_for(row: dict, lm_eval: dict) -> list[EvalResult]:
+    """The model-index entries of a row's lm-eval scores: one per task and metric (stderrs beside their metric)."""
+    version, shots = lm_eval.get("version", "?"), lm_eval.get("num_fewshot", 0)
+    results = []
+    for task, scores in (row.get("lm_eval") or {}).items():
+        info = (lm_eval.get("tasks") or {}).get(task) or {}
+        hub_id, pretty = LM_EVAL_DATASETS.get(task, (None, task))
+        dataset = str(info.get("dataset") or hub_id or task)
+        local = Path(dataset).suffix in (".jsonl", ".json", ".csv", ".parquet")
+        # a local copy is named after the Hub dataset it stands for, and says it is a local file in its args
+        args = {k: v for k, v in (("data_files", dataset if local else None),
+                                  ("num_examples", info.get("n") if lm_eval.get("limit") else None)) if v}
+        for metric, value in scores.items():
+            if metric.endswith("_stderr") or value is None:
+                continue
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Text Generation",
+                    dataset_type=(hub_id or dataset) if local else dataset,
+                    dataset_name=pretty,
+                    dataset_config=info.get("dataset_name"),
+                    dataset_split=info.get("split"),
+                    dataset_args=args or None,
+                    metric_type=metric,
+                    metric_value=float(value),
+                    metric_name=f"{metric} ({shots}-shot, lm-evaluation-harness {version}, task {task})",
+                    metric_config=task,
+                )
+            )
+    return results
+
+
+def chat_eval_results_for(chat_eval: dict) -> list[EvalResult]:
+    """The judged win rate as a model-index entry (and the score counting ties as half a win)."""
+    rates, judge = chat_eval.get("rates") or {}, (chat_eval.get("judge") or {}).get("model", "?")
+    prompts = chat_eval.get("prompts") or {}
+    win = (rates.get("win") or {}).get("rate")
+    if win is None:
+        return []
+    common = dict(task_type="text-generation", task_name="Chat (pairwise judged)",
+                  dataset_type=str(prompts.get("source", "held-out prompts")), dataset_name="held-out chat prompts",
+                  dataset_args={"num_examples": chat_eval.get("decided")})
+    baseline = chat_eval.get("baseline", "baseline")
+    results = [EvalResult(**common, metric_type="win_rate", metric_value=float(win),
+                          metric_name=f"win rate vs {baseline} (judge {judge}, both orders)")]
+    if chat_eval.get("score"):
+        results.append(EvalResult(**common, metric_type="score", metric_value=float(chat_eval["score"]["value"]),
+                                  metric_name=f"win + tie/2 vs {baseline} (judge {judge}, both orders)"))
+    return results
+
+
+def _suite_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the lm-eval scores: one column per task and metric, stderr in parentheses."""
+    columns = list(dict.fromkeys((task, metric) for r in rows for task, scores in (r.get("lm_eval") or {}).items()
+                                 for metric in scores if not metric.endswith("_stderr")))
+    if not columns:
+        return [], []
+    table = []
+    for r in rows:
+        cells = [f"`{r['model']}`"]
+        for task, metric in columns:
+            scores = (r.get("lm_eval") or {}).get(task) or {}
+            value, err = scores.get(metric), scores.get(f"{metric}_stderr")
+            cells.append("-" if value is None else f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else ""))
+        table.append(cells)
+    return [f"{task} {metric}" for task, metric in columns], table
 
 
 def _eval_table(rows: list[dict]) -> list[list[str]]:
@@ -261,7 +359,19 @@ Data: {% for d in datasets %}[{{ d }}](https://huggingface.co/datasets/{{ d }}){
 {% endif %}
 
 ## Evaluation
-{% if eval_rows %}
+{% if suite_rows %}
+Zero-shot suite through [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness)
+{{ suite.version }} ({{ suite.num_fewshot }}-shot{% if suite.limit %}, first {{ suite.limit }} examples per task{% endif %};
+task: dataset, split, examples: {% for task, info in suite.tasks.items() %}`{{ task }}`: {{ info.dataset }}, {{ info.split }}, {{ info.n }}{% if not loop.last %}; {% endif %}{% endfor %}).
+`acc_norm` normalises the log-likelihood by the answer's length in characters; ± is the standard error.
+
+| Model | {{ suite_headers | join(" | ") }} |
+|---|{% for h in suite_headers %}---|{% endfor %}
+{% for row in suite_rows -%}
+| {{ row | join(" | ") }} |
+{% endfor %}
+{% endif %}
+{%- if eval_rows %}
 0-shot HellaSwag ({{ hellaswag_split }} split{% if hellaswag_limit %}, first {{ hellaswag_n }} examples{% endif %}),
 scored two ways that are not interchangeable: *completion style* (build-nanogpt / llm.c: each ending after the raw
 context; `acc_norm` = lowest mean loss per token) and *lm-evaluation-harness style* (activity label and cleaned-up
@@ -273,8 +383,36 @@ Random chance is 0.25; OpenAI's GPT-2 124M scores acc_norm 0.2955 (completion) a
 {% for row in eval_rows -%}
 | {{ row | join(" | ") }} |
 {% endfor %}
-{%- else %}
+{%- elif not suite_rows %}
 Not evaluated yet (`eval_hellaswag.py` writes the JSON this card reads).
+{% endif %}
+{%- if chat %}
+### Chat: judged against {{ chat.baseline }}
+
+{{ chat.judge.model }} compared this model's answers with {{ chat.baseline }}'s on {{ chat.prompts.n }} held-out
+prompts (MT-Bench's pairwise prompt), each prompt twice with the answers' positions swapped; a win or a loss needs
+both orders to agree, anything else is a tie. Rates over the {{ chat.decided }} prompts with two valid verdicts,
+with Wilson 95 % intervals{% if chat.counts.invalid %} ({{ chat.counts.invalid }} prompts with a malformed verdict
+left out){% endif %}.
+
+| | prompts | rate | 95 % interval |
+|---|---|---|---|
+{% for outcome in ["win", "tie", "loss"] -%}
+| {{ outcome }} | {{ chat.counts[outcome] }} | {{ "%.3f"|format(chat.rates[outcome].rate or 0) }} | {{ "%.3f"|format(chat.rates[outcome].ci95[0]) }} - {{ "%.3f"|format(chat.rates[outcome].ci95[1]) }} |
+{% endfor %}
+{% if chat.position_consistency is not none %}The judge gave the same verdict in both orders on {{ "%.0f"|format(100 * chat.position_consistency) }} % of the prompts.{% endif %}
+{%- for ex in chat.examples %}
+
+<details><summary>{{ ex.outcome }}: {{ ex.question[:100] | replace("\n", " ") }}</summary>
+
+**Prompt:** {{ ex.question[:1000] }}
+
+**This model:** {{ ex.model_answer[:1000] }}
+
+**{{ chat.baseline }}:** {{ ex.baseline_answer[:1000] }}
+
+</details>
+{%- endfor %}
 {% endif %}
 
 ## Intended use and limitations
@@ -294,13 +432,15 @@ def write_model_card(
     datasets=(),
     training: dict | None = None,
     eval_json: "str | Path | dict | None" = None,
+    chat_eval: "str | Path | dict | None" = None,
     tags=(),
 ) -> ModelCard:
     """Write README.md (YAML metadata with `model-index`, then the card) into `model_dir` and return the card.
 
     `model_id` is the repo id ("org/name"); `training` a run summary (tokens, wall_time_s, tokens_per_s, mfu, gpu,
     dollars, config, ...) of which the present keys are shown; `eval_json` eval_hellaswag.py's output (a path or the
-    parsed dict), of which the row for `model_dir` or `model_id` goes into `model-index` and all rows into the table.
+    parsed dict), of which the row for `model_dir` or `model_id` goes into `model-index` and all rows into the tables;
+    `chat_eval` eval_chat.py's chat_eval.json (a path or the parsed dict): the judged win rate and a few examples.
     """
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
@@ -310,13 +450,20 @@ def write_model_card(
     remote_code = "auto_map" in config
     model_name = model_id.split("/")[-1]
 
-    eval_rows, hellaswag, results = [], {}, []
+    eval_rows, hellaswag, results, suite, suite_headers, suite_rows = [], {}, [], {}, [], []
     if eval_json is not None:
         data = read_eval_json(eval_json)
         hellaswag = data.get("hellaswag") or {}
+        suite = data.get("lm_eval") or {}
         ours, others = split_eval_rows(data, model_dir, model_id)
-        results = eval_results_for(ours, hellaswag)
-        eval_rows = _eval_table([{**ours, "model": model_id}, *others])
+        results = eval_results_for(ours, hellaswag) + lm_eval_results_for(ours, suite)
+        rows = [{**ours, "model": model_id}, *others]
+        if any(key in r for r in rows for key in HELLASWAG_CONVENTIONS) or any(PERPLEXITY in r for r in rows):
+            eval_rows = _eval_table(rows)
+        suite_headers, suite_rows = _suite_table(rows)
+    chat = read_chat_eval(chat_eval) if chat_eval is not None else None
+    if chat:
+        results += chat_eval_results_for(chat)
 
     card_tags = ["gpt2", "text-generation"] + (["custom_code"] if remote_code else []) + list(tags)
     card_data = ModelCardData(
@@ -353,6 +500,10 @@ def write_model_card(
         training_rows=training_rows(training),
         hyperparameters=hyperparameters,
         eval_rows=eval_rows,
+        suite=suite,
+        suite_headers=suite_headers,
+        suite_rows=suite_rows,
+        chat=chat,
         hellaswag_split=hellaswag.get("split", "validation"),
         hellaswag_limit=hellaswag.get("limit"),
         hellaswag_n=hellaswag.get("n"),
@@ -382,6 +533,7 @@ def build_upload_folder(
     repo_id: str,
     stock_gpt2: bool = False,
     eval_json: "str | Path | dict | None" = None,
+    chat_eval: "str | Path | dict | None" = None,
     training: dict | None = None,
     base_model: str | None = None,
     datasets=(),
@@ -441,6 +593,7 @@ def build_upload_folder(
             datasets=datasets,
             training=training,
             eval_json=eval_data,
+            chat_eval=chat_eval,
             tags=tags,
         )
         tmp.chmod(0o755)  # mkdtemp makes it private; the result should look like any folder the user made
