@@ -55,3 +55,15 @@ def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: 
         ax.axhline(0.25, linestyle=":", color="gray", label="chance (0.25)")
         written.append(_save(fig, ax, "HellaSwag accuracy (completion style)", out_dir / "hellaswag.png"))
     return written
+
+
+def plot_sft(log_history: list[dict], path: "str | Path") -> Path:
+    """sft_loss.png: the training loss on assistant tokens against the optimizer step (TRL's `log_history`, as in
+    trainer_state.json), with the held-out loss where it was evaluated."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("loss", "train loss (assistant tokens)"), ("eval_loss", "held-out loss")):
+        pts = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if key == "eval_loss" else None, markersize=3)
+    ax.set_title("GPT2Custom chat fine-tuning (SFT) loss")
+    return _save(fig, ax, "cross-entropy (nats/token)", Path(path))

@@ -204,7 +204,7 @@ RECIPE = [
     "--total_batch_size", str(B * T * ACCUM), "--max_steps", str(STEPS), "--warmup_steps", str(WARMUP),
     "--learning_rate", str(LR), "--min_lr_ratio", "0.1", "--weight_decay", "0.1", "--grad_clip", "1.0",
     "--precision", "fp32", "--cpu", "true", "--compile_backend", "aot_eager", "--seed", "3",
-    "--eval_interval", "7", "--eval_batches", "2", "--hellaswag_interval", "7", "--sample_interval", "0",
+    "--eval_interval", "7", "--eval_batches", "0", "--hellaswag_interval", "7", "--sample_interval", "0",
     "--checkpoint_interval", "10", "--keep_checkpoints", "3", "--report_to", "none",
 ]  # fmt: skip
 
@@ -354,6 +354,11 @@ def test_two_ranks_then_one_process_continue_the_same_run(recipe_data, eager_run
                recipe_data / "hellaswag.jsonl", "--init_from", recipe_data / "init", "--output_dir", two, *RECIPE,
                "--compile", "false", env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     assert_same_run(two, eager_run)
+    # HellaSwag split across ranks and summed: the single process's numbers. Validation is reduced across ranks
+    # over whole steps of both ranks, so it sees 88 of the 92 windows one process sees: close, not equal.
+    for a, b in zip(rows(two, "eval"), rows(eager_run, "eval"), strict=True):
+        assert (a["hellaswag_acc"], a["hellaswag_acc_norm"]) == (b["hellaswag_acc"], b["hellaswag_acc_norm"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
     out = continue_run(recipe_data, two, tmp_path, "--compile", "false")
     assert_same_run(out, eager_run)
 

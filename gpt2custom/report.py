@@ -1,0 +1,458 @@
+"""The pipeline's report card: report.json and report.md in the run folder, gathered from what each stage wrote.
+
+Sources: data/manifest.json (prepare_data.py), pretrain/final/run_summary.json, metrics.jsonl, loss.png and
+hellaswag.png (pretrain.py), evaluate/eval_results.json and .png (eval_hellaswag.py), the chat JSONL and its side
+files (`gpt2custom.synthetic.file_counts`), sft/trainer_state.json (TRL; its log_history becomes sft_loss.png),
+chat/samples.json (chat.py's answers, parsed by the pipeline), the publish folder, and pipeline_state.json (each
+command's wall time). Every figure carries its basis: "measured" (read from a run), "estimated" (the plan's
+arithmetic) or "list price" (measured time x a typical price).
+
+The model card takes its numbers from the same collection (`prepare_publish`): the evaluation rows go to
+{run_dir}/card_eval.json (eval_hellaswag.py's format, which publish.py --eval_json reads) and the journey's
+figures to the SFT folder's run_summary.json (which publish.py shows as the card's training section).
+"""
+
+import json
+import math
+from pathlib import Path
+
+from .pipeline import SEED_TOTAL_DOLLARS, STAGES, fmt_count, fmt_dollars, fmt_seconds, write_json_atomic
+
+MEASURED, ESTIMATED = "measured", "estimated"
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def stage_times(state: dict) -> dict[str, dict]:
+    """Per stage: wall seconds over the commands that finished, and how many were cut off (killed pipelines)."""
+    out = {}
+    for name, record in (state.get("stages") or {}).items():
+        attempts = record.get("attempts", [])
+        out[name] = {
+            "wall_s": sum(a["wall_s"] for a in attempts if a.get("wall_s") is not None),
+            "cpu_s": sum(a.get("cpu_s") or 0 for a in attempts),
+            "commands": len(attempts),
+            "interrupted": sum(a.get("wall_s") is None for a in attempts),
+            "last_command": attempts[-1]["command"] if attempts else None,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ per stage
+
+
+def data_metrics(plan) -> dict:
+    manifest = read_json(plan.data_dir / "manifest.json") or {}
+    splits = manifest.get("splits") or {}
+    return {
+        "source": (manifest.get("source") or {}).get("name") if isinstance(manifest.get("source"), dict)
+        else manifest.get("source"),
+        "train_tokens": (splits.get("train") or {}).get("tokens"),
+        "val_tokens": (splits.get("val") or {}).get("tokens"),
+        "documents": sum((s or {}).get("documents", 0) for s in splits.values()) or None,
+    }
+
+
+def pretrain_metrics(plan) -> dict:
+    summary = read_json(plan.final_dir / "run_summary.json") or {}
+    keys = ("tokens", "steps", "wall_time_s", "tokens_per_s", "mfu", "flops_per_token", "gpu", "num_processes",
+            "dollars", "val_loss", "unigram_val_loss", "hellaswag_acc_norm")
+    out = {k: summary.get(k) for k in keys}
+    out["plots"] = [rel_to(plan.run_dir, plan.pretrain_dir / f) for f in ("loss.png", "hellaswag.png")
+                    if (plan.pretrain_dir / f).exists()]
+    return out
+
+
+def eval_metrics(plan, pretrain: dict) -> dict:
+    data = read_json(plan.eval_dir / "eval_results.json")
+    if data:
+        from .evaluation import results_table
+
+        chart = plan.eval_dir / "eval_results.png"
+        return {"hellaswag": data.get("hellaswag"), "results": data["results"], "table": results_table(data["results"]),
+                "chart": rel_to(plan.run_dir, chart) if chart.exists() else None, "basis": MEASURED}
+    if pretrain.get("val_loss") is not None:  # evaluation could not run: pretraining's own validation loss stands in
+        row = {"model": str(plan.final_dir), "perplexity": pretrain_perplexity(plan, pretrain)}
+        from .evaluation import results_table
+
+        return {"hellaswag": None, "results": [row], "table": results_table([row]), "chart": None,
+                "basis": f"{MEASURED} by pretrain.py (validation loss), not by eval_hellaswag.py"}
+    return {}
+
+
+def pretrain_perplexity(plan, pretrain: dict) -> dict:
+    s = plan.pretrain_settings
+    batches = int(s.get("eval_batches", 20) or 0)
+    val = data_metrics(plan).get("val_tokens")
+    tokens = batches * int(s.get("micro_batch_size", 64)) * int(s.get("block_size", 1024)) if batches else val
+    tokens = min(tokens, val) if (tokens and val) else tokens
+    return {"dataset": f"{plan.data_dir} (val shards; pretrain.py's validation loss)", "loss": pretrain["val_loss"],
+            "ppl": math.exp(pretrain["val_loss"]), **({"tokens": tokens} if tokens else {})}
+
+
+def chat_data_metrics(plan) -> dict:
+    kind, path = plan.chat_data_kind, plan.chat_data_path
+    out = {"kind": kind, "path": str(path)}
+    if kind == "dataset" or not path.exists():
+        return out
+    from .synthetic import OutputFiles, file_counts
+
+    c = plan.o.chat_data
+    counts = file_counts(OutputFiles.for_output(path), c.get("price_per_m_input"), c.get("price_per_m_output"))
+    if kind == "stdlib-docs":
+        counts["cost"] = 0.0  # offline: nothing was billed
+    out.update(counts)
+    out["cost_basis"] = ("nothing billed (offline)" if kind == "stdlib-docs" else
+                         "estimated: counted tokens x the configured prices" if counts.get("cost") is not None else
+                         "no prices configured (price_per_m_input / price_per_m_output)")
+    return out
+
+
+def sft_tokens(history: list[dict]) -> int | None:
+    """Training tokens from TRL's logged `num_tokens`, which restarts from 0 when a run resumes from a checkpoint
+    (the count is not saved with it): the last value before each restart plus the final one."""
+    values = [r["num_tokens"] for r in history if "num_tokens" in r]
+    if not values:
+        return None
+    return int(sum(a for a, b in zip(values, values[1:]) if b < a) + values[-1])
+
+
+def sft_metrics(plan) -> dict:
+    state = read_json(plan.sft_dir / "trainer_state.json")
+    if not state:
+        return {}
+    history = state.get("log_history", [])
+    losses = [r for r in history if "loss" in r]
+    evals = [r for r in history if "eval_loss" in r]
+    end = next((r for r in reversed(history) if "train_runtime" in r), {})
+    tokens = sft_tokens(history)
+    plot = plan.run_dir / "sft_loss.png"
+    if losses or evals:
+        from .plots import plot_sft
+
+        plot_sft(history, plot)
+    return {
+        "steps": state.get("global_step"),
+        "tokens": int(tokens) if tokens else None,
+        "train_runtime_s": end.get("train_runtime"),
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "plot": rel_to(plan.run_dir, plot) if plot.exists() else None,
+    }
+
+
+def publish_metrics(plan) -> dict:
+    if plan.o.publish.get("push"):
+        return {"push": True, **(read_json(plan.run_dir / "publish.json") or {})}
+    folder = plan.publish_dir
+    return {"push": False, "folder": str(folder), "repo_id": plan.publish_args()["repo_id"],
+            "files": sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []}
+
+
+def rel_to(base: Path, path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def substitutions(plan) -> list[str]:
+    """How this run differs from the seed's journey (FineWeb-Edu, HellaSwag, Llama-3.1-405B, GPUs, the Hub)."""
+    out = []
+    source = plan.data_settings.get("source")
+    if source != "HuggingFaceFW/fineweb-edu":
+        what = "Python's own docs and standard-library sources (offline)" if source == "stdlib" else source
+        out.append(f"pretraining text: {what} instead of FineWeb-Edu sample-10BT")
+    if not plan.hellaswag_on():
+        out.append("HellaSwag: not evaluated (no local HellaSwag file given, and offline); perplexity on the "
+                   "held-out shards only")
+    if not int(plan.pretrain_settings.get("hellaswag_interval", 250) or 0):
+        out.append("no HellaSwag curve during pretraining (hellaswag_interval 0)")
+    if not plan.compare_models():
+        out.append("no pre-trained models to compare with (none configured; offline)")
+    c = plan.o.chat_data
+    if plan.chat_data_kind == "stdlib-docs":
+        out.append("chat data: questions about standard-library functions answered by the first paragraph of their "
+                   "docstrings (gpt2custom/stdlib_chat.py) instead of Llama-3.1-405B-Instruct's answers")
+    elif plan.chat_data_kind == "synthetic" and c.get("base_url"):
+        out.append(f"chat data from the OpenAI-compatible server {c['base_url']} instead of the HF Inference API")
+    elif plan.chat_data_kind == "dataset":
+        out.append(f"chat data: the existing data set {plan.chat_data_path} (nothing generated)")
+    if not plan.o.publish.get("push"):
+        out.append(f"publish: the dry-run folder {plan.publish_dir} instead of a Hub upload")
+    if plan.hardware.is_cpu:
+        out.append("hardware: the CPU instead of GPUs (no device price: dollars are not counted)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+
+def estimated_dollars(estimates) -> float | None:
+    """Device plus API dollars of the estimates; None when nothing has a price."""
+    values = [v for e in estimates for v in (e["dollars"], e["api_dollars"]) if v is not None]
+    return sum(values) if any(values) or any(e["dollars"] is not None for e in estimates) else None
+
+
+def collect(plan, state: dict, estimates: dict) -> dict:
+    """report.json's content: per stage status, inputs, outputs, wall time, dollars, estimate and metrics."""
+    hw = plan.hardware
+    rate = hw.count * hw.price_per_hour if hw.price_per_hour else None
+    times = stage_times(state)
+    pretrain = pretrain_metrics(plan)
+    metrics = {
+        "data": data_metrics(plan),
+        "pretrain": pretrain,
+        "evaluate": eval_metrics(plan, pretrain),
+        "chat_data": chat_data_metrics(plan),
+        "sft": sft_metrics(plan),
+        "chat": read_json(plan.chat_dir / "samples.json") or {},
+        "publish": publish_metrics(plan),
+    }
+    stages = {}
+    for stage in plan.stages():
+        t = times.get(stage.name)
+        wall = t["wall_s"] if t and t["commands"] else None
+        if stage.skip_reason:
+            status = "cannot run"
+        elif stage.complete():
+            status = "done"
+        else:
+            status = "interrupted" if t and t["interrupted"] else "not run"
+        api = metrics["chat_data"].get("cost") if stage.name == "chat_data" else None
+        stages[stage.name] = {
+            "status": status,
+            "inputs": stage.inputs,
+            "outputs": stage.outputs,
+            "command": t["last_command"] if t else None,
+            "wall_s": wall,
+            "wall_basis": MEASURED if wall is not None else None,
+            "cpu_s": t["cpu_s"] if t and t["commands"] else None,
+            "interrupted_commands": t["interrupted"] if t else 0,
+            "device_dollars": wall / 3600 * rate if (wall is not None and rate) else None,
+            "dollars_basis": f"measured time x ${rate:.2f}/h ({hw.describe()})" if rate else "no device price",
+            "api_dollars": api,
+            "estimate": estimates.get(stage.name),
+            "note": stage.skip_reason or stage.note,
+            "metrics": metrics[stage.name],
+        }
+    wall = sum(s["wall_s"] or 0 for s in stages.values())
+    cpu = sum(s["cpu_s"] or 0 for s in stages.values())
+    device = sum(s["device_dollars"] or 0 for s in stages.values()) if rate else None
+    api = sum(s["api_dollars"] or 0 for s in stages.values())
+    return {
+        "run_dir": str(plan.run_dir),
+        "hardware": {"name": hw.name, "count": hw.count, "price_per_hour": hw.price_per_hour, "source": hw.source},
+        "stages": stages,
+        "totals": {
+            "wall_s": wall, "cpu_s": cpu, "wall_basis": MEASURED,
+            "device_dollars": device, "api_dollars": api,
+            "dollars": (device or 0) + api if (device is not None or api) else None,
+            "dollars_basis": "measured time x list price, plus API tokens x configured prices",
+            "estimated_seconds": sum(e["seconds"] for e in estimates.values()),
+            "estimated_dollars": estimated_dollars(estimates.values()),
+            "seed_dollars": SEED_TOTAL_DOLLARS,
+        },
+        "substitutions": substitutions(plan),
+        "plan_table": state.get("plan_table"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ chat samples
+
+
+def parse_transcript(stdout: str, count: int) -> list[str] | None:
+    """chat.py's answers from its stdout (`>>> answer\\n` per prompt, then a last `>>> ` at end of input); None when
+    the split is ambiguous (an answer that itself holds a line starting with `>>> `)."""
+    text = stdout.removesuffix(">>> ")
+    if not text.startswith(">>> "):
+        return None
+    parts = text[len(">>> "):].split("\n>>> ")
+    if len(parts) != count:
+        return None
+    return [p.removesuffix("\n") for p in parts]
+
+
+def write_chat_samples(plan, stdout: str) -> Path:
+    """{run_dir}/chat/samples.json: each prompt, the answer chat.py printed, its length in tokens, and whether the
+    model ended it (an end token before max_new_tokens) or the limit cut it."""
+    from transformers import AutoTokenizer
+
+    prompts = plan.chat_prompts()
+    settings = plan.chat_settings()
+    answers = parse_transcript(stdout, len(prompts))
+    samples = []
+    if answers is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(plan.sft_dir), trust_remote_code=True)
+        limit = int(settings["max_new_tokens"])
+        for prompt, answer in zip(prompts, answers):
+            n = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+            samples.append({"prompt": prompt, "answer": answer, "answer_tokens": n,
+                            "ended_by": "end token" if n < limit else f"max_new_tokens ({limit})"})
+    path = plan.chat_dir / "samples.json"
+    write_json_atomic(path, {"model": str(plan.sft_dir), "settings": settings, "samples": samples,
+                             "transcript": stdout})
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the model card
+
+
+def prepare_publish(plan, state: dict):
+    """The card's inputs, from the report's figures: {run_dir}/card_eval.json (this model's row first: its held-out
+    chat loss; then the base model and the compared models) and the SFT folder's run_summary.json (the journey)."""
+    report = collect(plan, state, {})
+    m = {name: s["metrics"] for name, s in report["stages"].items()}
+    rows = []
+    ours = {"model": str(plan.sft_dir)}
+    if m["sft"].get("eval_loss") is not None:
+        loss = m["sft"]["eval_loss"]
+        ours["perplexity"] = {"dataset": f"held-out conversations of {plan.chat_data_path} (assistant tokens)",
+                              "loss": loss, "ppl": math.exp(loss)}
+    rows.append(ours)
+    rows += (m["evaluate"] or {}).get("results", [])
+    hellaswag = (m["evaluate"] or {}).get("hellaswag") or {"split": "validation", "n": 0, "limit": None}
+    write_json_atomic(plan.run_dir / "card_eval.json", {"hellaswag": hellaswag, "results": rows})
+
+    p, sft, cd, totals = m["pretrain"], m["sft"], m["chat_data"], report["totals"]
+    training_s = (p.get("wall_time_s") or 0) + (sft.get("train_runtime_s") or 0)
+    summary = {
+        "tokens": p.get("tokens"),
+        "steps": p.get("steps"),
+        "wall_time_s": training_s or None,
+        "tokens_per_s": p.get("tokens_per_s"),
+        "mfu": p.get("mfu"),
+        "gpu": p.get("gpu"),
+        "num_processes": p.get("num_processes"),
+        "dollars": totals["dollars"],
+        "val_loss": p.get("val_loss"),
+        "hellaswag_acc_norm": p.get("hellaswag_acc_norm"),
+        "Chat data": f"{cd.get('rows', '?')} conversations ({cd.get('kind')}: {cd.get('path')})",
+        "SFT": f"{sft.get('steps')} steps, {fmt_count(sft.get('tokens'))} tokens, final train loss "
+               f"{sft.get('final_loss'):.4f}" if sft.get("final_loss") is not None else None,
+        "Pipeline wall time, all stages so far": fmt_seconds(totals["wall_s"]),
+        "Cost basis": "measured time x list price per device-hour, plus API tokens x configured prices "
+                      "(pipeline report.json)",
+        "config": (read_json(plan.final_dir / "run_summary.json") or {}).get("config"),
+    }
+    write_json_atomic(plan.sft_dir / "run_summary.json", summary)
+
+
+# ------------------------------------------------------------------------------------------------ report.md
+
+
+def _num(value, fmt="{:.4f}"):
+    return "-" if value is None else fmt.format(value)
+
+
+def render(report: dict) -> str:
+    st, totals = report["stages"], report["totals"]
+    hw = report["hardware"]
+    lines = [f"# Pipeline report: `{report['run_dir']}`", ""]
+    total_d = totals["dollars"]
+    lines.append(f"**Total: {fmt_seconds(totals['wall_s'])} of wall time ({fmt_seconds(totals['cpu_s'])} of CPU time; "
+                 "measured), "
+                 f"{fmt_dollars(total_d) if total_d is not None else 'no dollars (no device price)'}"
+                 f"{' (measured time x list price + API estimate)' if total_d is not None else ''}**, next to the "
+                 f"seed's ${totals['seed_dollars']:.2f} for its journey. The plan estimated "
+                 f"{fmt_seconds(totals['estimated_seconds'])} and {fmt_dollars(totals['estimated_dollars'])} "
+                 f"(estimated). Hardware: {hw['count']} x {hw['name']} ({hw['source']}).")
+    lines += ["", "## Stages", "",
+              "| stage | status | inputs | outputs | wall time (measured) | CPU time (measured) | device $ | API $ | "
+              "estimate: time / $ |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in STAGES:
+        s = st[name]
+        e = s["estimate"] or {}
+        est = f"{fmt_seconds(e.get('seconds'))} / {fmt_dollars(estimated_dollars([e]) if e else None)}"
+        status = s["status"] + (f" ({s['interrupted_commands']} interrupted)" if s["interrupted_commands"] else "")
+        lines.append(f"| {name} | {status} | {', '.join(s['inputs'])} | {', '.join(s['outputs'])} | "
+                     f"{fmt_seconds(s['wall_s'])} | {fmt_seconds(s['cpu_s'])} | {fmt_dollars(s['device_dollars'])} | "
+                     f"{fmt_dollars(s['api_dollars'])} | {est} |")
+    lines += ["", f"Device dollars: {st['data']['dollars_basis']}. Wall times include each command's start-up.", ""]
+    if report["substitutions"]:
+        lines += ["## Differences from the seed's journey (offline substitutions)", ""]
+        lines += [f"- {x}" for x in report["substitutions"]] + [""]
+    notes = [f"- {n}: {s['note']}" for n, s in st.items() if s["note"]]
+    if notes:
+        lines += ["Notes:", ""] + notes + [""]
+
+    d = st["data"]["metrics"]
+    lines += ["## Data (measured)", "",
+              f"{fmt_count(d.get('train_tokens'))} training and {fmt_count(d.get('val_tokens'))} validation tokens "
+              f"from {d.get('documents') or '-'} documents (source: {d.get('source')}).", ""]
+
+    p = st["pretrain"]["metrics"]
+    lines += ["## Pretraining (measured)", "",
+              "| tokens | steps | training time | tokens/s | MFU | val loss | unigram baseline | HellaSwag acc_norm | $ "
+              "(pretrain.py) |", "|---|---|---|---|---|---|---|---|---|",
+              f"| {fmt_count(p.get('tokens'))} | {p.get('steps') or '-'} | {fmt_seconds(p.get('wall_time_s'))} | "
+              f"{_num(p.get('tokens_per_s'), '{:,.0f}')} | {_num(p.get('mfu'), '{:.1%}')} | {_num(p.get('val_loss'))} | "
+              f"{_num(p.get('unigram_val_loss'))} | {_num(p.get('hellaswag_acc_norm'))} | "
+              f"{fmt_dollars(p.get('dollars'))} |", ""]
+    lines += [f"![{Path(x).stem}]({x})" for x in p.get("plots", [])] + [""]
+
+    e = st["evaluate"]["metrics"]
+    lines += [f"## Evaluation ({e.get('basis', 'not run')})", ""]
+    if e.get("table"):
+        hs = e.get("hellaswag")
+        if hs:
+            lines += [f"HellaSwag {hs.get('split')}, {hs.get('n')} examples, both conventions (completion = "
+                      "build-nanogpt/llm.c, harness = lm-evaluation-harness); accuracies in %.", ""]
+        lines += ["```", e["table"], "```", ""]
+        if e.get("chart"):
+            lines += [f"![comparison]({e['chart']})", ""]
+    c = st["chat_data"]["metrics"]
+    lines += ["## Chat data (measured counts)", ""]
+    if "rows" in c:
+        rejected = ", ".join(f"{n} {r}" for r, n in (c.get("rejected") or {}).items()) or "none"
+        lines += [f"{c['rows']} rows ({c['accepted']} accepted), rejected: {rejected}, failed: {c['failed']}; "
+                  f"{c['prompt_tokens']:,} prompt + {c['completion_tokens']:,} completion tokens; API cost "
+                  f"{fmt_dollars(c.get('cost'))} ({c['cost_basis']}). Source: {c['kind']}, `{c['path']}`.", ""]
+    else:
+        lines += [f"Source: {c.get('kind')}, `{c.get('path')}`.", ""]
+    s = st["sft"]["metrics"]
+    lines += ["## Chat fine-tuning (measured)", ""]
+    if s:
+        lines += [f"{s['steps']} steps, {fmt_count(s.get('tokens'))} tokens, {fmt_seconds(s.get('train_runtime_s'))} of "
+                  f"training; loss on assistant tokens {_num(s.get('first_loss'))} (first log) -> "
+                  f"{_num(s.get('final_loss'))} (last); held-out loss {_num(s.get('eval_loss'))}.", ""]
+        if s.get("plot"):
+            lines += [f"![SFT loss]({s['plot']})", ""]
+    ch = st["chat"]["metrics"]
+    lines += ["## Chat samples from the final model (measured)", ""]
+    if ch.get("samples"):
+        settings = ", ".join(f"{k}={v}" for k, v in ch["settings"].items())
+        lines += [f"`chat.py` ({settings}):", ""]
+        for x in ch["samples"]:
+            lines += [f"> **user:** {x['prompt']}", ">", f"> **assistant:** {x['answer'] or '(empty)'}", "",
+                      f"{x['answer_tokens']} tokens, ended by {x['ended_by']}.", ""]
+    elif ch.get("transcript"):
+        lines += ["The answers could not be told apart in chat.py's output; the transcript:", "", "```",
+                  ch["transcript"], "```", ""]
+    pb = st["publish"]["metrics"]
+    lines += ["## Publish", ""]
+    if pb.get("push"):
+        lines += [f"Uploaded: {pb.get('commit_url') or '-'}", ""]
+    elif pb.get("files"):
+        lines += [f"Dry run: `{pb['folder']}` ({len(pb['files'])} files: {', '.join(pb['files'])}), what "
+                  f"`publish.py` would upload to `{pb['repo_id']}`; its model card takes these figures "
+                  "(card_eval.json, the SFT folder's run_summary.json).", ""]
+    if report.get("plan_table"):
+        lines += ["## The plan, as the latest invocation printed it (estimated)", "", "```", report["plan_table"], "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(plan, state: dict, estimates: dict) -> Path:
+    report = collect(plan, state, estimates)
+    write_json_atomic(plan.run_dir / "report.json", report)
+    path = plan.run_dir / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text(render(report), encoding="utf-8")
+    tmp.replace(path)
+    return path
