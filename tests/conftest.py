@@ -63,6 +63,41 @@ def serve_json(respond) -> ThreadingHTTPServer:
     return server
 
 
+CHAT_STOP_IDS = (50256, 50257, 50258, 50259)  # <|endoftext|> and the role markers: the published stop tokens
+
+
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """The reference decoder: a full forward over everything so far (no cache), argmax of the last position,
+    append; stops after a token in `stop_ids`."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+            ids.append(token)
+            if token in stop_ids:
+                break
+    return ids[len(prompt_ids) :]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Our chat format built by hand from its spec: each role marker's id, then "\n" + text + "\n" BPE-encoded, and
+    the assistant marker to answer after."""
+    role_id = {"system": 50257, "user": 50258, "assistant": 50259}
+    ids = []
+    for message in messages:
+        ids += [role_id[message["role"]], *tokenizer("\n" + message["content"] + "\n")["input_ids"]]
+    return ids + [role_id["assistant"], *tokenizer("\n")["input_ids"]]
+
+
+def assert_png(path, min_width=300, min_height=200):
+    """A decodable PNG of at least this size with something drawn on it (not one flat colour)."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(path))
+    assert pixels.shape[0] >= min_height and pixels.shape[1] >= min_width, (path, pixels.shape)
+    assert pixels[..., :3].std() > 0.01, f"{path} is blank"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

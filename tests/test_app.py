@@ -12,8 +12,8 @@ import pytest
 
 import app
 from app import ChatError, EndpointBackend, LocalBackend, build_messages
-from conftest import REPO, make_tiny_model, serve_json
-from gpt2custom.checkpoints import save_model_folder
+from conftest import CHAT_STOP_IDS, REPO, chat_prompt_ids, greedy_reference, make_tiny_model, serve_json
+from gpt2custom.checkpoints import load_model, save_model_folder
 from gpt2custom.hub import build_upload_folder
 
 FAKE_TOKEN = "hf_TESTSECRETappToken0123456789"
@@ -81,15 +81,21 @@ def test_build_messages_keeps_the_system_prompt_and_only_the_last_turns():
     assert build_messages("x", history, "", max_history_turns=0) == [{"role": "user", "content": "x"}]
 
 
-def test_endpoint_backend_posts_the_handler_request_with_the_token(endpoint, local, hub_online):
+def expected_answer(folder, tokenizer) -> str:
+    """GREEDY's answer to MESSAGES, from the published folder's weights and the chat format's spec, not the handler."""
+    model = load_model(str(folder)).eval()
+    new = greedy_reference(model, chat_prompt_ids(tokenizer, MESSAGES), GREEDY["max_new_tokens"], CHAT_STOP_IDS)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_endpoint_backend_posts_the_handler_request_with_the_token(endpoint, local, hub_online, folder, tokenizer):
     before = len(endpoint.requests)
     answer = EndpointBackend(endpoint.url, token=FAKE_TOKEN)(MESSAGES, GREEDY)
     headers, body = endpoint.requests[before]
     assert body == {"inputs": MESSAGES, "parameters": GREEDY}
     assert headers["authorization"] == f"Bearer {FAKE_TOKEN}"
-    expected = endpoint.handler({"inputs": MESSAGES, "parameters": GREEDY})[0]["generated_text"]
-    assert answer == expected
-    assert local(MESSAGES, GREEDY) == expected  # in-process gives the endpoint's answer
+    assert answer == expected_answer(folder, tokenizer)  # a plain argmax loop on the published weights
+    assert local(MESSAGES, GREEDY) == answer  # in-process gives the endpoint's answer
 
 
 def test_endpoint_refusal_reaches_the_user_as_a_chat_error(endpoint, hub_online):
@@ -113,7 +119,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpoint, tmp_path):
+def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpoint, tmp_path, folder, tokenizer):
     from gradio_client import Client
 
     port = _free_port()
@@ -154,5 +160,5 @@ def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpo
     headers, body = endpoint.requests[before]
     assert body == {"inputs": MESSAGES, "parameters": GREEDY}
     assert headers["authorization"] == f"Bearer {FAKE_TOKEN}"
-    assert reply == endpoint.handler(body)[0]["generated_text"]
+    assert reply == expected_answer(folder, tokenizer)
     assert FAKE_TOKEN not in (tmp_path / "app.log").read_text()

@@ -8,12 +8,14 @@ import re
 import socket
 import threading
 
+import datasets
+import lm_eval.tasks.hellaswag.utils as lm_eval_hellaswag
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_tiny_model, run_script
+from conftest import assert_png, make_tiny_model, run_script
 from gpt2custom.checkpoints import export_gpt2, load_model
 from gpt2custom.hellaswag import evaluate_hellaswag, load_hellaswag, read_examples, score_endings
 
@@ -60,14 +62,6 @@ def fixture_file(tmp_path_factory, examples):
 # --------------------------------------------------------------------------- the reference: one ending at a time
 
 
-def harness_clean(text):
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    text = text.replace("  ", " ")
-    return text
-
-
 def reference_example(model, tokenizer, ex, convention):
     """(summed log-probs, acc_norm divisors) of the 4 endings, one full forward per ending, plain loops."""
     if convention == "completion":
@@ -75,8 +69,9 @@ def reference_example(model, tokenizer, ex, convention):
         endings = [tokenizer.encode(" " + e) for e in ex["endings"]]
         divisors = [len(e) for e in endings]
     else:
-        query = harness_clean(ex["activity_label"] + ": " + ex["ctx_a"] + " " + ex["ctx_b"].capitalize())
-        choices = [harness_clean(e) for e in ex["endings"]]
+        # lm-evaluation-harness's own document processing (its hellaswag task's process_docs)
+        doc = lm_eval_hellaswag.process_docs(datasets.Dataset.from_list([ex]))[0]
+        query, choices = doc["query"], doc["choices"]
         context = tokenizer.encode(query)
         endings = [tokenizer.encode(query + " " + c)[len(context):] for c in choices]
         divisors = [len(c) for c in choices]
@@ -267,7 +262,7 @@ def test_two_gloo_ranks_write_the_results_of_one_process(tmp_path, tiny_checkpoi
         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
     )
     written = json.loads((tmp_path / "eval_results.json").read_text())
-    assert (tmp_path / "eval_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(tmp_path / "eval_results.png")
     assert "completion acc" in proc.stdout and str(tiny_checkpoint) in proc.stdout  # the table, printed once
     assert proc.stdout.count("| completion acc |") == 1
 

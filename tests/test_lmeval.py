@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 from test_hellaswag import make_examples, write_jsonl  # noqa: E402
 
 import eval_hellaswag  # noqa: E402
-from conftest import make_tiny_model  # noqa: E402
+from conftest import assert_png, make_tiny_model  # noqa: E402
 from gpt2custom.checkpoints import load_model  # noqa: E402
 from gpt2custom.evaluation import local_task_file, run_lm_eval  # noqa: E402
 from gpt2custom.hellaswag import score_endings  # noqa: E402
@@ -116,7 +116,7 @@ def test_script_writes_lm_eval_scores_to_results_chart_and_model_card(tmp_path, 
     assert row["lm_eval"]["arc_easy"]["acc_stderr"] == pytest.approx((p * (1 - p) / (len(arc) - 1)) ** 0.5)
     table = capsys.readouterr().out
     assert "arc_easy acc_norm" in table and f"{100 * reference['acc_norm']:.2f}" in table
-    assert (out / "eval_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png(out / "eval_results.png")
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, model_dir)

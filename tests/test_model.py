@@ -8,7 +8,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from configuration_gpt2custom import GPT2CustomConfig
-from conftest import make_tiny_model
+from conftest import greedy_reference, make_tiny_model
 from modeling_gpt2custom import GPT2CustomForCausalLM
 
 PAD = 0
@@ -20,16 +20,6 @@ def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     return ids, mask
-
-
-def greedy_without_cache(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """The reference decoder: a full forward over everything so far, argmax of the last position, append."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(ids, use_cache=False).logits
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, len(prompt) :].tolist()
 
 
 PROMPTS = [[464, 329, 758, 218, 180, 625, 262], [154, 995], [40, 110, 257, 126]]
@@ -77,7 +67,7 @@ def test_cached_generate_equals_uncached_greedy_for_one_prompt(attn):
     model = small_vocab_model(seed=1)
     model.set_attn_implementation(attn)
     prompt = PROMPTS[0]
-    expected = greedy_without_cache(model, prompt, 12)
+    expected = greedy_reference(model, prompt, 12)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=PAD)
     assert out[0, len(prompt) :].tolist() == expected
     assert len(set(expected)) > 1, "a constant continuation would not exercise the cache"
@@ -86,7 +76,7 @@ def test_cached_generate_equals_uncached_greedy_for_one_prompt(attn):
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_cached_generate_on_a_left_padded_batch_equals_each_prompt_decoded_alone(cache_implementation):
     model = small_vocab_model(seed=1)
-    expected = [greedy_without_cache(model, p, 10) for p in PROMPTS]
+    expected = [greedy_reference(model, p, 10) for p in PROMPTS]
     ids, mask = left_padded(PROMPTS)
     out = model.generate(
         ids,

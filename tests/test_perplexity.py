@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import assert_png, make_tiny_model
 from gpt2custom.evaluation import (
     load_perplexity_tokens,
     perplexity,
@@ -127,5 +127,5 @@ def test_comparison_outputs(tmp_path):
     write_json(tmp_path / "r.json", {"results": results})
     assert json.loads((tmp_path / "r.json").read_text()) == {"results": results}
     plot_comparison(results, tmp_path / "r.png")
-    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert_png(tmp_path / "r.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]  # no temporary files left

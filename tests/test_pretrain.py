@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, run_script
+from conftest import REPO, assert_png, free_port, run_script
 
 # A run small enough for 2 cores: 4 sequences of 32 tokens per micro-step.
 TINY_RUN = [
@@ -65,7 +65,8 @@ def test_loss_falls_on_real_text_and_final_folder_loads(straight_run):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["tokens"] == 16 * 128 and summary["steps"] == 16 and summary["tokens_per_s"] > 0
     assert summary["val_loss"] < losses[0]
-    assert "unigram baseline" in proc.stdout and (out / "loss.png").stat().st_size > 0
+    assert f"unigram baseline {summary['unigram_val_loss']:.4f}" in proc.stdout
+    assert_png(out / "loss.png")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
