@@ -10,7 +10,9 @@ Outputs, beside `--output x.jsonl`:
                            "rejection"}: one row per answer, appended whole and fsync'ed as it arrives
     x.rejected.jsonl      answers that failed validation (empty, truncated, refusal) with --invalid drop
     x.failed.jsonl        prompts that still failed after --max_attempts (latest run only; the next run retries them)
-    x.instructions.jsonl  stage-1 user turns from seed topics, so a resumed run does not pay for them again
+    x.instructions.jsonl  stage-1 user turns from seed topics, so a resumed run does not pay for them again; one
+                          that failed validation keeps its `rejection` and is final: that prompt is never answered
+                          (delete its line to have it written anew)
 Re-running the same command resumes: finished prompt ids are skipped, a torn last line is repaired, duplicates are
 removed. At most --concurrency answers in flight when a run is killed are paid twice.
 
@@ -55,6 +57,7 @@ from gpt2custom.synthetic import (
     estimated_cost,
     exclusive_lock,
     file_counts,
+    instruction_rejection,
     load_prompts,
     read_rows,
     redact,
@@ -157,10 +160,16 @@ class Generator:
         self.retried = Counter()
         self.usage = []
 
+    def rejected_instructions(self, prompts: list[Prompt]) -> set[str]:
+        """Ids of the seed-topic prompts whose saved user turn was rejected: final, they are not asked again."""
+        saved = self.cached_instructions
+        return {p.prompt_id for p in prompts if p.prompt_id in saved and instruction_rejection(saved[p.prompt_id])}
+
     def pending(self, prompts: list[Prompt]) -> dict[str, list[int]]:
         done = self.answers.keys | self.rejected.keys
+        final = self.rejected_instructions(prompts)
         todo = {p.prompt_id: [k for k in range(self.options.responses_per_prompt) if (p.prompt_id, k) not in done]
-                for p in prompts}
+                for p in prompts if p.prompt_id not in final}
         return {pid: ks for pid, ks in todo.items() if ks}
 
     async def run(self, prompts: list[Prompt], todo: dict[str, list[int]]):
@@ -195,17 +204,23 @@ class Generator:
     async def one_prompt(self, prompt: Prompt, response_indexes: list[int]):
         user = prompt.user
         if user is None:
-            user, error, attempts = await self.instruction(prompt)
-            if user is None:
+            row, error, attempts = await self.instruction(prompt)
+            if row is None:  # no answer after every retry: x.failed.jsonl, and the next run asks again
                 for k in response_indexes:
                     self.record_failure(prompt, k, "instruction", error, attempts=attempts)
                 return
+            if instruction_rejection(row):  # paid for and recorded once in x.instructions.jsonl: final
+                for _ in response_indexes:
+                    self.advance("instruction rejected")
+                return
+            user = row["instruction"]
         messages = ([{"role": "system", "content": self.options.system_prompt}] if self.options.system_prompt else [])
         messages.append({"role": "user", "content": user})
         await asyncio.gather(*(self.answer(prompt, k, messages) for k in response_indexes))
 
-    async def instruction(self, prompt: Prompt) -> tuple[str | None, str | None, int]:
-        """Stage 1: a user message about the prompt's topic (cached, so paid once); or None, why, attempts."""
+    async def instruction(self, prompt: Prompt) -> tuple[dict | None, str | None, int]:
+        """Stage 1: the row of a user message about the prompt's topic, usable or rejected (saved, so paid once);
+        or None when the request failed, why, and the attempts made."""
         row, attempts = self.cached_instructions.get(prompt.prompt_id), 0
         if row is None:
             o = self.options
@@ -216,15 +231,16 @@ class Generator:
             if outcome.answer is None:
                 return None, outcome.error, attempts
             answer = outcome.answer
+            instruction = clean_instruction(answer.content)
+            # A reply that is only a label or quotes is empty once cleaned, though `rejection` saw text.
+            reason = rejection(answer, o.reject_truncated, o.reject_refusals) or (None if instruction else "empty")
             row = {"prompt_id": prompt.prompt_id, "topic": prompt.topic, "kind": prompt.kind,
-                   "instruction": clean_instruction(answer.content), "model": self.model_name(answer),
-                   "finish_reason": answer.finish_reason, "usage": answer.usage,
-                   "rejection": rejection(answer, o.reject_truncated, o.reject_refusals)}
+                   "instruction": instruction, "model": self.model_name(answer),
+                   "finish_reason": answer.finish_reason, "usage": answer.usage, "rejection": reason}
             self.instructions.append(row)
+            self.cached_instructions[prompt.prompt_id] = row
             self.usage.append(row)
-        if row["rejection"] or not row["instruction"]:
-            return None, f"unusable instruction ({row['rejected'] or 'empty'}): {row['instruction'][:200]!r}", attempts
-        return row["instruction"], None, attempts
+        return row, None, attempts
 
     async def answer(self, prompt: Prompt, k: int, messages: list[dict]):
         """Stage 2: the assistant turn, validated and written at once."""
@@ -293,11 +309,18 @@ def report(generator: Generator, files: OutputFiles, asked: int):
     run_cost = estimated_cost(run_tokens, o.price_per_m_input, o.price_per_m_output)
     print(f"this run: {asked} answers asked, {stats['accepted']} accepted, {stats['rejected']} rejected, "
           f"{stats['failed']} failed" + (f" (in {files.failed}; rerun the same command to retry them)" if stats["failed"] else ""))
+    if stats["instruction rejected"]:
+        print(f"{stats['instruction rejected']} of them not sent: the user turn written for their prompt (stage 1) was "
+              f"rejected; final, kept with the reason in {files.instructions} (delete a line there to have it "
+              "written anew)")
     if generator.retried:
         print(f"retries: {generator.retried.total()} ({', '.join(f'{k}: {n}' for k, n in generator.retried.most_common())})")
     print(f"tokens this run: {run_tokens['prompt_tokens']} prompt + {run_tokens['completion_tokens']} completion"
           + (f", about ${run_cost:.2f}" if run_cost is not None else ""))
     rejected = ", ".join(f"{n} {reason}" for reason, n in counts["rejected"].items()) or "none"
+    if counts["rejected_instructions"]:
+        turns = counts["rejected_instructions"]
+        rejected += "; user turns rejected: " + ", ".join(f"{n} {reason}" for reason, n in turns.items())
     print(f"{files.answers}: {counts['rows']} rows ({counts['accepted']} accepted), rejected: {rejected}, "
           f"all runs {counts['prompt_tokens']} + {counts['completion_tokens']} tokens"
           + (f", about ${counts['cost']:.2f}" if counts["cost"] is not None else ""))
@@ -309,8 +332,11 @@ def main(options: SyntheticOptions):
     generator = Generator(options, files)
     todo = generator.pending(prompts)
     asked = sum(map(len, todo.values()))
-    print(f"{len(prompts)} prompts x {options.responses_per_prompt}: {len(prompts) * options.responses_per_prompt - asked} "
-          f"done before, {asked} to ask {options.base_url or options.model}", flush=True)
+    final = len(generator.rejected_instructions(prompts)) * options.responses_per_prompt
+    done = len(prompts) * options.responses_per_prompt - asked - final
+    print(f"{len(prompts)} prompts x {options.responses_per_prompt}: {done} done before, "
+          + (f"{final} not asked (their user turn was rejected before: final), " if final else "")
+          + f"{asked} to ask {options.base_url or options.model}", flush=True)
     try:
         if todo:
             asyncio.run(generator.run(prompts, todo))

@@ -115,6 +115,9 @@ def stdlib_examples(names: list[str]):
 
 def local_files(pattern: str) -> list[str]:
     path = Path(pattern)
+    if not path.exists() and not any(c in pattern for c in "*?["):
+        raise SystemExit(f"--source {pattern!r}: no such file or folder (expected a Hub dataset id, a local "
+                         f"{'/'.join(LOCAL_BUILDERS)} file, folder or glob, or 'stdlib')")
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in LOCAL_BUILDERS and p.is_file())
     else:
@@ -275,6 +278,7 @@ class ShardWriter:
         split, shards = self.progress["split"], self.progress["shards"]
         name = shard_name(split, sum(s["split"] == split for s in shards))
         tokens = self.buffer[:self.filled]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         sha = write_shard(self.out_dir / name, tokens)
         shards.append({"file": name, "split": split, "tokens": self.filled,
                        "documents": int(np.count_nonzero(tokens == self.eot_id)), "sha256": sha})
@@ -304,6 +308,7 @@ class ShardWriter:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
@@ -323,8 +328,7 @@ def check_settings(path: Path, settings: dict) -> dict | None:
 
 
 def main(opts: PrepareDataArguments) -> dict:
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(opts.out_dir)  # created with the first shard: a bad source or setting leaves no empty folder
     dataset, column, source = open_source(opts)
     encoder = DocumentEncoder(opts.tokenizer, opts.engine)
     settings = {"source": source,

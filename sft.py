@@ -35,6 +35,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from gpt2custom.chat import load_chat_tokenizer
 from gpt2custom.checkpoints import load_model
+from gpt2custom.distributed import shutdown
 from gpt2custom.hub import write_model_card
 from gpt2custom.sft_data import DEFAULT_DATASET, load_conversations, train_eval_split
 
@@ -226,7 +227,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             )
             card.push_to_hub(trainer.hub_model_id, token=training_args.hub_token)
             state.print(f"pushed to https://huggingface.co/{trainer.hub_model_id}")
-    trainer.end()
+    shutdown(trainer)  # trackers, then the DDP wrapper and the process group, in order: no rank hangs at exit
 
 
 def parse_args(argv=None) -> tuple[SFTScriptArgs, SFTConfig, ModelConfig]:

@@ -306,6 +306,12 @@ def rejection(answer: Answer, reject_truncated: bool = True, reject_refusals: bo
     return None
 
 
+def instruction_rejection(row: dict) -> str | None:
+    """Why a saved stage-1 row cannot be a user turn, or None. Rows written before empty-after-cleaning counted as
+    rejected may hold an empty instruction without a reason."""
+    return row.get("rejection") or (None if row.get("instruction") else "empty")
+
+
 # -- prompts -----------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -394,7 +400,7 @@ class OutputFiles:
     answers: Path  # the dataset: accepted rows (and, with invalid=flag, rejected ones with `rejection` set)
     rejected: Path  # answers that failed validation (invalid=drop): paid for, so never asked again
     failed: Path  # prompts that failed after every retry in the latest run: asked again by the next run
-    instructions: Path  # stage-1 user turns written from seed topics, reused on resume
+    instructions: Path  # stage-1 user turns written from seed topics, reused on resume; a rejected one is final
     lock: Path  # held by the running generator
 
     @classmethod
@@ -406,13 +412,15 @@ class OutputFiles:
 
 
 def file_counts(files: OutputFiles, price_per_m_input: float | None = None, price_per_m_output: float | None = None) -> dict:
-    """Rows, accepted, rejected by reason, failed, tokens (every request ever paid for) and estimated cost."""
+    """Rows, accepted, rejected answers by reason, seed-topic user turns rejected (their prompts never answered),
+    failed, tokens (every request ever paid for) and estimated cost."""
     answers, rejected, failed, instructions = (read_rows(p) for p in (files.answers, files.rejected, files.failed, files.instructions))
     totals = token_totals(answers + rejected + instructions)
     return {
         "rows": len(answers),
         "accepted": sum(row.get("rejection") is None for row in answers),
         "rejected": dict(Counter(row["rejection"] for row in answers + rejected if row.get("rejection"))),
+        "rejected_instructions": dict(Counter(filter(None, map(instruction_rejection, instructions)))),
         "failed": len(failed),
         **totals,
         "cost": estimated_cost(totals, price_per_m_input, price_per_m_output),
@@ -456,6 +464,9 @@ the answer failed validation and was kept with a flag).
 | accepted | {{ counts.accepted }} |
 {% for reason, n in counts.rejected.items() -%}
 | rejected: {{ reason }} | {{ n }} |
+{% endfor -%}
+{% for reason, n in (counts.rejected_instructions or {}).items() -%}
+| seed-topic user turn rejected: {{ reason }} (not answered) | {{ n }} |
 {% endfor -%}
 | failed after retries (not included) | {{ counts.failed }} |
 

@@ -21,12 +21,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)  # the suite runs as two xdist workers on two cores: one thread each
 
 
-def run_script(*args, cwd=REPO, env=None, timeout=600, check=True):
-    """Run a Python script or module of the repo in a fresh process; returns CompletedProcess (text)."""
+def run_script(*args, cwd=REPO, env=None, timeout=300, check=True):
+    """Run a Python script or module of the repo in a fresh process; returns CompletedProcess (text).
+
+    Bounded by `timeout`: a process (or a launcher's rank) still running then fails the test with the Python stacks
+    of every process it started, rather than holding CI until its own limit."""
+    from gpt2custom.distributed import run_with_deadline
+
     # One thread per process: the suite runs several processes on 2 cores, and oversubscribed threads crawl.
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    try:
+        proc = run_with_deadline([sys.executable, *map(str, args)], timeout, cwd=cwd, env=full_env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{args} still running after {timeout} s\nstdout:\n{(e.output or '')[-3000:]}\n"
+                             f"stderr and stacks:\n{(e.stderr or '')[-8000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
@@ -99,6 +107,8 @@ def assert_png(path, min_width=300, min_height=200):
 
 
 def free_port() -> int:
+    """A port the OS has just handed out, for launchers that need a number up front (accelerate's rendezvous,
+    app.py). Servers the tests start themselves bind port 0 and report theirs (`serve_json`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

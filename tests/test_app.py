@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 
 import app
 from app import ChatError, EndpointBackend, LocalBackend, build_messages
-from conftest import CHAT_STOP_IDS, REPO, chat_prompt_ids, greedy_reference, make_tiny_model, serve_json
+from conftest import CHAT_STOP_IDS, REPO, chat_prompt_ids, free_port, greedy_reference, make_tiny_model, serve_json
 from gpt2custom.checkpoints import load_model, save_model_folder
 from gpt2custom.hub import build_upload_folder
 
@@ -112,17 +111,11 @@ def test_app_needs_exactly_one_of_model_or_endpoint(argv, monkeypatch):
         app.main(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpoint, tmp_path, folder, tokenizer):
     from gradio_client import Client
 
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -345,3 +346,32 @@ def test_loader_refuses_a_split_smaller_than_one_step(tmp_path):
     make_loader_dir(tmp_path, [100])  # 6 windows
     with pytest.raises(ValueError, match="holds 6 windows of 17 tokens, fewer than one step needs"):
         ShardLoader(tmp_path, "train", 4, T, rank=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A source that cannot be read is refused before anything is written
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{tmp}/corpus/missing.jsonl", r"'{tmp}/corpus/missing.jsonl': no such file or folder \(expected a Hub dataset id"),
+    ("{tmp}/corpus/*.parquet", r"'{tmp}/corpus/\*.parquet': no .txt/.jsonl/.json/.parquet files found"),
+    ("{tmp}/corpus/empty", r"'{tmp}/corpus/empty': no .txt/.jsonl/.json/.parquet files found"),
+    ("{tmp}/corpus/ids.jsonl", r"ids.jsonl: no column 'text' \(columns: \['id'\]\); pick one with --text_column"),
+    ("NoSuchOrg/no-such-dataset", r"'NoSuchOrg/no-such-dataset': .*offline\?"),  # HF_HUB_OFFLINE=1 (conftest)
+], ids=["missing-file", "glob-matches-nothing", "folder-without-data", "no-text-column", "hub-id-offline"])
+def test_bad_source_is_refused_before_out_dir_is_created(tmp_path, source, message):
+    (tmp_path / "corpus" / "empty").mkdir(parents=True)
+    (tmp_path / "corpus" / "ids.jsonl").write_text('{"id": 1}\n')
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message.format(tmp=re.escape(str(tmp_path)))):
+        prepare_main(parse_options(["--source", source.format(tmp=tmp_path), "--out_dir", str(out)]))
+    assert not out.exists()
+
+
+def test_bad_source_on_the_command_line_is_one_line_on_stderr(tmp_path):
+    proc = run_script("prepare_data.py", "--source", tmp_path / "typo.jsonl", "--out_dir", tmp_path / "out",
+                      check=False, timeout=120)
+    assert proc.returncode == 1 and not (tmp_path / "out").exists()
+    assert proc.stderr.splitlines() == [f"--source '{tmp_path / 'typo.jsonl'}': no such file or folder (expected a "
+                                        "Hub dataset id, a local .txt/.jsonl/.json/.parquet file, folder or glob, "
+                                        "or 'stdlib')"]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_png, make_tiny_model, run_script
+from conftest import assert_png, free_port, make_tiny_model, run_script
 from gpt2custom.checkpoints import export_gpt2, load_model
 from gpt2custom.hellaswag import evaluate_hellaswag, load_hellaswag, read_examples, score_endings
 
@@ -207,11 +207,11 @@ def test_local_jsonl_and_hub_parquet_load_the_same_examples(tmp_path, fixture_fi
 
 
 def test_unreachable_download_names_the_url_and_the_way_out(tmp_path):
-    with socket.socket() as s:  # a port that nothing listens on
+    with socket.socket() as s:  # bound and kept, never listening: connections are refused, nobody can take it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(ValueError, match=f"cannot download HellaSwag from http://127.0.0.1:{port}/x.jsonl"):
-        load_hellaswag(f"http://127.0.0.1:{port}/x.jsonl", cache_dir=tmp_path)
+        with pytest.raises(ValueError, match=f"cannot download HellaSwag from http://127.0.0.1:{port}/x.jsonl"):
+            load_hellaswag(f"http://127.0.0.1:{port}/x.jsonl", cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -252,11 +252,8 @@ def test_unloadable_model_is_one_clear_error(tmp_path, fixture_file):
 def test_two_gloo_ranks_write_the_results_of_one_process(tmp_path, tiny_checkpoint, fixture_file, real_text):
     text = tmp_path / "text.txt"
     text.write_text(real_text[:3000])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = run_script(
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", port,
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
         "eval_hellaswag.py", "--models", tiny_checkpoint, "--hellaswag_path", fixture_file, "--limit", "19",
         "--batch_size", "4", "--perplexity", text, "--stride", "100", "--cpu", "true", "--out_dir", tmp_path,
         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},

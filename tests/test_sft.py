@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, TrainerState
 from conftest import REPO, free_port, make_tiny_model
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
 from gpt2custom.checkpoints import save_model_folder
+from gpt2custom.distributed import run_with_deadline
 from gpt2custom.hub import write_model_card
 from gpt2custom.sft_data import check_conversations, load_conversations, train_eval_split
 from gpt2custom.tokenizer import EOT_ID, load_tokenizer
@@ -274,16 +275,71 @@ def sft_args(model, dataset, out) -> list[str]:
     ).split()
 
 
+# Several times what the launch takes on a loaded 2-core machine (~30 s idle): a rank stuck at exit fails fast.
+LAUNCH_TIMEOUT = 240
+
+# sft.py's own `main(*parse_args())`, with its teardown call observed: after it, does this rank still have gloo
+# worker threads (named by torch) or a process group? Threads left to interpreter teardown are where a rank
+# deadlocked (issue 14): DDP's reducer kept the group alive past Trainer.end().
+EXIT_PROBE = textwrap.dedent(
+    """
+    import json, os
+    import torch
+    import sft
+
+    after = []
+
+    def observed(owner):
+        shutdown(owner)
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        after.append({"gloo_threads": names.count("pt_gloo_runloop"), "group": torch.distributed.is_initialized()})
+
+    shutdown, sft.shutdown = sft.shutdown, observed
+    sft.main(*sft.parse_args())
+    print("EXIT-PROBE " + json.dumps({"rank": int(os.environ["RANK"]), "after_teardown": after}), flush=True)
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def sft_run(tiny_checkpoint, chat_jsonl, tmp_path_factory):
-    """sft.py with the smoke config on two real ranks (gloo), from the tiny checkpoint, on the greetings."""
+    """sft.py with the smoke config on two real ranks (gloo), from the tiny checkpoint, on the greetings; its main
+    runs under EXIT_PROBE, which reports each rank's state after the teardown."""
     out = tmp_path_factory.mktemp("sft") / "out"
-    launch = f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --main_process_port {free_port()} sft.py"
+    probe = out.parent / "sft_exit_probe.py"
+    probe.write_text(EXIT_PROBE)
+    launch = f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --main_process_port {free_port()} {probe}"
     cmd = [sys.executable, *launch.split(), *sft_args(tiny_checkpoint, chat_jsonl, out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1"}  # a rank that gets SIGABRT prints its Python stacks
+    try:
+        proc = run_with_deadline(cmd, LAUNCH_TIMEOUT, cwd=REPO, env=env)
+    except subprocess.TimeoutExpired as e:  # the stuck ranks' stacks, not a bare timeout
+        pytest.fail(f"2-rank sft.py still running after {LAUNCH_TIMEOUT} s; its stacks and output:\n"
+                    f"{e.stderr[-12000:]}\nstdout:\n{e.output[-2000:]}", pytrace=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout + proc.stderr
+
+
+# A launcher whose worker never ends, as a rank deadlocked at exit does; torchrun too starts each rank in a session
+# of its own, out of reach of a kill sent to the launcher's process group.
+STUCK_LAUNCH = textwrap.dedent(
+    """
+    import subprocess, sys
+    worker = "import time\\ndef stuck_in_teardown():\\n    time.sleep(600)\\nstuck_in_teardown()"
+    subprocess.run([sys.executable, "-c", worker], start_new_session=True)
+    """
+)
+
+
+def test_a_launch_past_its_deadline_fails_fast_with_the_stuck_process_stack(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no py-spy: the faulthandler path that CI takes
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with pytest.raises(subprocess.TimeoutExpired) as hung:
+        run_with_deadline([sys.executable, "-c", STUCK_LAUNCH], 3, env=env)
+    assert "Fatal Python error: Aborted" in hung.value.stderr
+    assert 'line 4 in <module>' in hung.value.stderr and "stuck_in_teardown" in hung.value.stderr
+    assert "sent SIGABRT to [" in hung.value.stderr
 
 
 def assistant_loss(model, tokenizer, conversations) -> float:
@@ -319,6 +375,14 @@ def test_two_gloo_ranks_fine_tune_and_save_a_model_folder(sft_run):
     ):
         assert (out / name).exists(), name
     assert "auto_map" in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_each_rank_ends_its_process_group_and_gloo_workers_before_exit(sft_run):
+    _, log = sft_run
+    probes = sorted((json.loads(line.split(" ", 1)[1]) for line in log.splitlines() if line.startswith("EXIT-PROBE ")),
+                    key=lambda probe: probe["rank"])
+    assert probes == [{"rank": rank, "after_teardown": [{"gloo_threads": 0, "group": False}]} for rank in (0, 1)]
 
 
 @pytest.mark.slow

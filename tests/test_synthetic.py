@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from huggingface_hub import DatasetCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import hf_raise_for_status
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, serve_json
 from gpt2custom.synthetic import (
     Answer,
     FatalError,
@@ -462,3 +463,86 @@ def test_bad_options_fail_with_one_clear_message(bad, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         SyntheticOptions(**bad)
+
+
+# -- seed topics against a scripted server ---------------------------------------------------------------------------
+
+# What the scripted server writes as the user turn for each topic: usable, empty, only quotes (empty once cleaned),
+# a refusal; "flaky" gets HTTP 400 (this prompt refused, not retried) until the server is told otherwise.
+STAGE_ONE = {"tea": "How long should green tea steep?", "void": "", "quotes": '""',
+             "secrets": "I'm sorry, but I can't help with that."}
+EXPECTED_REJECTION = {"void": "empty", "quotes": "empty", "secrets": "refusal"}
+
+
+class ScriptedServer:
+    """An OpenAI-compatible /chat/completions on 127.0.0.1 (conftest's serve_json) that answers stage 1 by the topic
+    named in the request and every stage-2 question with a fixed answer; it counts stage-1 requests per topic."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.stage_one, self.flaky_fails = Counter(), True
+        self.server = serve_json(self.respond)
+        self.url = self.server.url + "/v1"
+
+    def respond(self, method, path, headers, body):
+        prompt = json.loads(body)["messages"][-1]["content"]
+        topic = re.search(r"an AI assistant about (\w+)\.", prompt)
+        if topic:
+            with self.lock:
+                self.stage_one[topic.group(1)] += 1
+            if topic.group(1) == "flaky":
+                if self.flaky_fails:
+                    return 400, {"error": {"message": "this prompt is not allowed"}}
+                content = "Why do some tests fail only sometimes?"
+            else:
+                content = STAGE_ONE[topic.group(1)]
+        else:
+            content = f"An answer to: {prompt}"
+        return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": content}}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+@pytest.mark.slow
+def test_seed_topics_with_empty_refused_and_failed_user_turns_complete_and_resume(tmp_path):
+    topics = [*STAGE_ONE, "flaky"]
+    server = ScriptedServer()
+    output = tmp_path / "data.jsonl"
+    args = ("generate_synthetic.py", "--base_url", server.url, "--output", output, "--topics_file",
+            write_prompts(tmp_path / "topics.txt", topics), "--instructions_per_topic", "2", "--concurrency", "2",
+            "--backoff_base", "0.01")
+    env = {"HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
+    files = OutputFiles.for_output(output)
+    ids = {stable_id(f"topic:{t}#{j}"): t for t in topics for j in range(2)}
+    try:
+        first = run_script(*args, env=env, timeout=120)
+        answered = [r["prompt_id"] for r in read_rows(files.answers)]
+        rejected = [r["prompt_id"] for r in read_rows(files.instructions) if r["rejection"]]
+        failed = [r["prompt_id"] for r in read_rows(files.failed)]
+        # Every topic prompt is accounted for exactly once: answered, its user turn rejected, or failed.
+        assert sorted(answered + rejected + failed) == sorted(ids)
+        assert {ids[i] for i in answered} == {"tea"} and {ids[i] for i in failed} == {"flaky"}
+        assert {(ids[r["prompt_id"]], r["rejection"]) for r in read_rows(files.instructions) if r["rejection"]} == \
+            set(EXPECTED_REJECTION.items())
+        assert read_rows(files.rejected) == []  # no answer was asked for a rejected user turn
+        assert all(r["messages"][0]["content"] == STAGE_ONE["tea"] for r in read_rows(files.answers))
+        assert "2 accepted, 0 rejected, 2 failed" in first.stdout and "rerun the same command to retry" in first.stdout
+        assert "6 of them not sent" in first.stdout and "final" in first.stdout
+
+        server.flaky_fails = False
+        before = Counter(server.stage_one)
+        second = run_script(*args, env=env, timeout=120)
+    finally:
+        server.server.shutdown()
+    # What the first run said: failed prompts were asked again, rejected user turns were not.
+    assert server.stage_one - before == Counter({"flaky": 2})
+    assert "2 done before, 6 not asked (their user turn was rejected before: final), 2 to ask" in second.stdout
+    assert "2 accepted, 0 rejected, 0 failed" in second.stdout and "rerun" not in second.stdout
+    assert sorted(ids[r["prompt_id"]] for r in read_rows(files.answers)) == ["flaky", "flaky", "tea", "tea"]
+    assert read_rows(files.failed) == []
+    instructions = read_rows(files.instructions)
+    assert sorted(r["prompt_id"] for r in instructions) == sorted(ids)  # each user turn recorded once
+    counts = file_counts(files)
+    assert counts["rejected_instructions"] == {"empty": 4, "refusal": 2} and counts["rows"] == 4
+    assert_secret_absent(first.stdout, first.stderr, second.stdout, second.stderr, folders=(tmp_path,))
