@@ -67,6 +67,11 @@ def make_inputs(folder: Path) -> dict[str, Path]:
                          "ctx": f"{ctx_a} then", "endings": endings, "label": 0, "split": "val",
                          "split_type": "indomain", "source_id": f"bench~{i}"})
     inputs["hellaswag"].write_text("".join(json.dumps(e) + "\n" for e in examples))
+    inputs["shards"] = folder / "shards"
+    if not (inputs["shards"] / "manifest.json").exists():
+        subprocess.run([sys.executable, "prepare_data.py", "--source", "stdlib", "--max_tokens", "60000",
+                        "--val_tokens", "6000", "--shard_size", "30000", "--num_proc", "1", "--out_dir",
+                        str(inputs["shards"])], cwd=REPO, check=True, capture_output=True)  # fmt: skip
     return inputs
 
 
@@ -84,7 +89,18 @@ def eval_args(inputs: dict, out_dir: Path) -> list[str]:
 
 
 # name -> (what it runs, its arguments). The pretraining entry (pretrain.py) goes here.
+def pretrain_args(inputs: dict, out_dir: Path) -> list[str]:
+    """pretrain.py on the tiny preset: 6 steps with validation, HellaSwag, samples and checkpoints on both ranks."""
+    return ["pretrain.py", "--model_preset", "tiny", "--block_size", "32", "--micro_batch_size", "4",
+            "--total_batch_size", "256", "--max_steps", "6", "--warmup_steps", "2", "--precision", "fp32",
+            "--compile", "false", "--cpu", "true", "--data_dir", str(inputs["shards"]), "--hellaswag_path",
+            str(inputs["hellaswag"]), "--eval_interval", "3", "--hellaswag_interval", "3", "--eval_batches", "2",
+            "--sample_interval", "3", "--checkpoint_interval", "3", "--report_to", "none", "--output_dir",
+            str(out_dir)]  # fmt: skip
+
+
 ENTRIES = {
+    "pretrain": pretrain_args,
     "sft": sft_args,
     "eval": eval_args,
 }
