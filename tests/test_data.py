@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO, run_script
 from gpt2custom.data import (
     HEADER_BYTES,
     MAGIC,
@@ -36,7 +37,6 @@ from gpt2custom.data import (
 )
 from prepare_data import main as prepare_main
 from prepare_data import parse_options
-from tests.conftest import REPO, run_script
 
 EOT = 50256
 SPECIAL_DOCS = ["a literal <|endoftext|> inside a document stays text", "", "naïve café — 🤖 ünïcödé\n\ttabs", None]

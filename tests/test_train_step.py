@@ -16,10 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from configuration_gpt2custom import GPT2CustomConfig
-from conftest import run_script
+from conftest import make_tiny_model, run_script
 from gpt2custom.training import build_optimizers, build_schedulers, train_step
-from modeling_gpt2custom import GPT2CustomForCausalLM
 
 BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -40,11 +38,6 @@ def accelerator():
     # Leave no process-wide state to other tests: accelerate's singleton, and dynamo's graphs of our forward.
     AcceleratorState._reset_state(reset_partial_state=True)
     torch._dynamo.reset()
-
-
-def tiny_model(seed=0, **overrides) -> GPT2CustomForCausalLM:
-    torch.manual_seed(seed)
-    return GPT2CustomForCausalLM(GPT2CustomConfig.from_preset("tiny", **overrides)).train()
 
 
 def windows(ids: torch.Tensor, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +84,8 @@ def test_compiled_step_trains_like_the_eager_step_for_20_steps(real_text, accele
     batches = windows(data, batch_size=4, seq_len=64)
     assert len(batches) >= 40
     byte_model = dict(vocab_size=256, bos_token_id=None, eos_token_id=None)
-    eager_model, compiled_model = tiny_model(**byte_model), tiny_model(**byte_model)
+    eager_model = make_tiny_model(initializer_range=0.02, **byte_model).train()
+    compiled_model = make_tiny_model(initializer_range=0.02, **byte_model).train()
     kwargs = dict(steps=20, grad_accum=2, lr=3e-3)  # grad_accum 2: the no_sync path and the loss average
     eager = train(eager_model, batches, accelerator, **kwargs)
     compiled = train(compiled_model, batches, accelerator, compile=backend, **kwargs)
@@ -106,7 +100,7 @@ def test_muon_lowers_the_loss_on_real_text(real_text, tokenizer, accelerator):
     ids = torch.tensor(tokenizer(real_text[:60_000])["input_ids"], dtype=torch.long)
     batches = windows(ids, batch_size=4, seq_len=32)
     held_out, train_batches = batches[0], batches[1:]
-    model = tiny_model(n_embd=32, block_size=32)
+    model = make_tiny_model(initializer_range=0.02, n_embd=32, block_size=32).train()
 
     def held_out_loss():
         with torch.no_grad():
@@ -126,7 +120,7 @@ def test_muon_update_of_a_block_matrix_is_orthogonalised(real_text, tokenizer, a
     c_fc's input is LayerNorm'd (mean zero over features), so the gradient has a null direction that stays null."""
     ids = torch.tensor(tokenizer(real_text[:5_000])["input_ids"], dtype=torch.long)
     x, y = windows(ids, batch_size=4, seq_len=32)[0]
-    model = tiny_model(n_embd=32, block_size=32)
+    model = make_tiny_model(initializer_range=0.02, n_embd=32, block_size=32).train()
     weight = model.transformer.h[0].mlp.c_fc.weight  # (128, 32)
     lr, weight_decay = 1e-3, 0.1
     optimizers = build_optimizers(model, optimizer="muon", lr=lr, weight_decay=weight_decay)
@@ -144,7 +138,7 @@ def test_muon_update_of_a_block_matrix_is_orthogonalised(real_text, tokenizer, a
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_build_optimizers_holds_each_parameter_once_with_decay_only_on_matrices(optimizer):
-    model = tiny_model()
+    model = make_tiny_model(initializer_range=0.02).train()
     n_layer = model.config.n_layer
     hidden = {f"transformer.h.{i}.{m}" for i in range(n_layer) for m in BLOCK_MATRICES}
     embeddings = {"transformer.wte.weight", "transformer.wpe.weight"}  # lm_head.weight is wte (tied)
@@ -166,7 +160,7 @@ def test_build_optimizers_holds_each_parameter_once_with_decay_only_on_matrices(
 
 def test_build_optimizers_rejects_an_unknown_optimizer():
     with pytest.raises(ValueError, match="optimizer='sgd'"):
-        build_optimizers(tiny_model(), optimizer="sgd")
+        build_optimizers(make_tiny_model(initializer_range=0.02).train(), optimizer="sgd")
 
 
 def test_bench_train_runs_both_models_on_cpu_with_the_same_first_loss():
