@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, assert_png, free_port, run_script
 
+pytestmark = pytest.mark.slow  # every test here runs pretrain.py on shards that prepare_data.py makes first
+
 # A run small enough for 2 cores: 4 sequences of 32 tokens per micro-step.
 TINY_RUN = [
     "--model_preset", "tiny", "--block_size", "32", "--micro_batch_size", "4", "--total_batch_size", "128",

@@ -163,6 +163,7 @@ def test_build_optimizers_rejects_an_unknown_optimizer():
         build_optimizers(make_tiny_model(initializer_range=0.02).train(), optimizer="sgd")
 
 
+@pytest.mark.slow
 def test_bench_train_runs_both_models_on_cpu_with_the_same_first_loss():
     """bench/bench_train.py stays alive on CPU, and GPT2LMHeadModel (same weights, wrapper for shifted labels)
     computes the same loss as ours on the same batch."""
