@@ -45,16 +45,19 @@ SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_
 # ------------------------------------------------------------------------------------------------- eval results
 
 
+def _load_json(source: "str | Path | dict", default_name: str, script: str) -> tuple[dict, str]:
+    """(data, where) from a path or an already-loaded dict; an unreadable file is one ValueError naming it."""
+    if isinstance(source, dict):
+        return source, default_name
+    try:
+        return json.loads(Path(source).read_text(encoding="utf-8")), str(source)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{source}: cannot read {script}'s JSON: {e}") from e
+
+
 def read_eval_json(eval_json: "str | Path | dict") -> dict:
     """eval_hellaswag.py's output: `{"hellaswag": {...}, "results": [{"model": ..., ...}, ...]}`."""
-    if isinstance(eval_json, dict):
-        data, where = eval_json, "eval results"
-    else:
-        where = str(eval_json)
-        try:
-            data = json.loads(Path(eval_json).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}: cannot read eval_hellaswag.py's JSON: {e}") from e
+    data, where = _load_json(eval_json, "eval results", "eval_hellaswag.py")
     if not isinstance(data, dict) or not isinstance(data.get("results"), list) or not data["results"]:
         raise ValueError(f"{where}: expected a JSON object with a non-empty 'results' list (eval_hellaswag.py output)")
     for i, row in enumerate(data["results"]):
@@ -65,14 +68,7 @@ def read_eval_json(eval_json: "str | Path | dict") -> dict:
 
 def read_chat_eval(chat_eval: "str | Path | dict") -> dict:
     """eval_chat.py's chat_eval.json: `{"model", "baseline", "judge", "prompts", "counts", "rates", ...}`."""
-    if isinstance(chat_eval, dict):
-        data, where = chat_eval, "chat eval results"
-    else:
-        where = str(chat_eval)
-        try:
-            data = json.loads(Path(chat_eval).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{where}: cannot read eval_chat.py's JSON: {e}") from e
+    data, where = _load_json(chat_eval, "chat eval results", "eval_chat.py")
     missing = [k for k in ("baseline", "judge", "prompts", "counts", "rates", "decided") if k not in data]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}; expected eval_chat.py's chat_eval.json")
