@@ -7,6 +7,7 @@ TF32, bf16 autocast, SDPA flash attention, vocab 50304, torch.compile, fused Ada
     python prepare_data.py --source stdlib --out_dir data/smoke ...        # data first (see README)
     python pretrain.py --config configs/smoke.yaml                          # tiny model on the CPU
     accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml pretrain.py --config configs/gpt2-124m.yaml
+    accelerate launch --config_file accelerate_configs/fsdp_8gpu.yaml pretrain.py --config configs/gpt2-774m.yaml  # FSDP2
     accelerate launch ... pretrain.py --config configs/gpt2-124m.yaml --resume true   # continue the latest checkpoint
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 pretrain.py --config configs/smoke.yaml --cpu true
 
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from transformers import AutoConfig
 from trl import TrlParser
 
@@ -34,6 +35,7 @@ from gpt2custom.chat import add_chat_format
 from gpt2custom.checkpoints import import_gpt2, save_model_folder
 from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, load_manifest, read_shard
 from gpt2custom.distributed import shutdown
+from gpt2custom.fsdp import block_parameter_counts, enable_fsdp_on_cpu, local_tensor
 from gpt2custom.metrics import detect_gpu, flops_per_token
 from gpt2custom.plots import plot_training
 from gpt2custom.resume import Checkpointer, checkpoint_folders
@@ -151,6 +153,8 @@ class Pretrainer:
             project_dir=str(self.out),
             step_scheduler_with_optimizer=False,  # our schedule counts optimizer steps, not steps × world size
         )
+        enable_fsdp_on_cpu(acc)  # an FSDP launch on CPU ranks shards as on GPUs (accelerate alone would use DDP)
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
         if acc.device.type == "cuda" and args.tf32:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
@@ -168,7 +172,7 @@ class Pretrainer:
         self.model = self.build_model()  # the raw module: evaluation, sampling and saving use it
         self.tokenizer = add_chat_format(load_tokenizer())  # saved with the model, so `trl sft` can start from it
         self.optimizers = build_optimizers(
-            self.model.to(acc.device),
+            self.model if self.fsdp else self.model.to(acc.device),  # fully_shard places each rank's shard
             optimizer=args.optimizer,
             lr=args.learning_rate,
             weight_decay=args.weight_decay,
@@ -178,8 +182,17 @@ class Pretrainer:
         self.schedulers = build_schedulers(
             self.optimizers, warmup_steps=args.warmup_steps, max_steps=args.max_steps, min_lr_ratio=args.min_lr_ratio
         )
-        compiled = torch.compile(self.model, backend=args.compile_backend) if args.compile else self.model
-        self.train_model, *rest = acc.prepare(compiled, *self.optimizers, *self.schedulers)  # DDP / FSDP wrapped
+        if self.fsdp:
+            # fully_shard works in place: self.model becomes the sharded root that every rank calls for evaluation,
+            # sampling and saving. It is compiled after sharding, so what accelerate shards, saves and loads is our
+            # module itself, not a compile wrapper.
+            self.train_model, *rest = acc.prepare(self.model, *self.optimizers, *self.schedulers)
+            if args.compile:
+                self.train_model = torch.compile(self.train_model, backend=args.compile_backend)
+            self.report_sharding()
+        else:
+            compiled = torch.compile(self.model, backend=args.compile_backend) if args.compile else self.model
+            self.train_model, *rest = acc.prepare(compiled, *self.optimizers, *self.schedulers)  # DDP wrapped
         self.optimizers, self.schedulers = rest[: len(self.optimizers)], rest[len(self.optimizers) :]
         self.next_batch = device_batches(self.train_loader, acc.device)
 
@@ -243,9 +256,17 @@ class Pretrainer:
             f"--resume true); try a lower learning_rate, grad_clip 1.0, or precision bf16 instead of fp16."
         )
 
+    def report_sharding(self):
+        """One line: how many elements of each block every rank holds (about 1/world size each under FSDP)."""
+        per_rank = gather_object([block_parameter_counts(self.model)])
+        blocks = [f"h.{i} {[counts[i][0] for counts in per_rank]} of {held[1]}" for i, held in enumerate(per_rank[0])]
+        self.accelerator.print(f"FSDP2 sharding, block elements per rank: {'; '.join(blocks)}")
+
     def check_finite_weights(self):
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if not self.accelerator.reduce(finite.float(), "min").item():
+        # Each rank checks what it holds (its shard under FSDP); one bad shard stops every rank. accelerate's reduce
+        # knows sum, mean and max only (anything else sums), so the ranks take the max of "not finite".
+        finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in self.model.parameters()]).all()
+        if self.accelerator.reduce((~finite).float(), "max").item():
             self.stop_diverged(f"weights are not finite after step {self.progress.step}")
 
     # ---------------------------------------------------------------- evaluation
@@ -274,15 +295,18 @@ class Pretrainer:
 
     @torch.no_grad()
     def samples(self) -> list[str]:
-        """A few continuations, sampled with their own RNG so training's random stream is untouched."""
+        """A few continuations, sampled with their own RNG so training's random stream is untouched. Every rank
+        samples with the same seed, so they draw the same tokens and stop after the same number of forwards (a
+        sharded model needs every rank in each forward; `synced_gpus` keeps them in step in any case)."""
         args, acc, model = self.args, self.accelerator, self.model
         model.eval()
         prompts = self.tokenizer([args.sample_prompt] * args.num_samples, return_tensors="pt").to(acc.device)
         devices = [acc.device] if acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), acc.autocast():
-            torch.manual_seed(args.seed + acc.process_index)
+            torch.manual_seed(args.seed)
             out = model.generate(**prompts, do_sample=True, top_k=50, max_new_tokens=args.sample_tokens,
-                                 pad_token_id=self.tokenizer.eos_token_id)  # fmt: skip
+                                 pad_token_id=self.tokenizer.eos_token_id,
+                                 synced_gpus=self.fsdp and acc.num_processes > 1)  # fmt: skip
         model.train()
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -327,11 +351,19 @@ class Pretrainer:
         """The HF model folder, plots and the run summary; run_summary.json last, so its presence means done."""
         args, acc = self.args, self.accelerator
         final, tmp = self.out / "final", self.out / ".final.tmp"
-        fsdp = acc.distributed_type == DistributedType.FSDP  # only FSDP needs the shards gathered
-        state_dict = acc.get_state_dict(self.train_model) if fsdp else None
+        model = self.model
+        if self.fsdp:  # the full weights, gathered on rank 0 (every rank takes part)
+            state_dict = acc.get_state_dict(self.model)
+            # fully_shard changed the model's class, and save_pretrained writes the class name into config.json and
+            # copies the file that defines it: save a plain GPT2CustomForCausalLM holding the gathered weights.
+            if acc.is_main_process:
+                with torch.device("meta"):
+                    model = GPT2CustomForCausalLM(self.model.config)
+                model.load_state_dict(state_dict, assign=True)
+                model.tie_weights()
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            save_model_folder(self.model, tmp, self.tokenizer, state_dict=state_dict)
+            save_model_folder(model, tmp, self.tokenizer)
         self.logger.update_wall()
         summary = {**self.logger.summary(), "gpu": self.gpu_name,
                    "val_loss": self.progress.last_eval.get("val_loss"),

@@ -18,6 +18,11 @@ Speed (``score_endings``): examples are sorted by length and batched; each conte
 its key/value cache is repeated for the four endings; log-probabilities (and, for GPT-2-style heads, lm_head itself)
 are computed only where an ending token is predicted; bf16 autocast on GPUs. A context too long for the model loses
 its oldest tokens (the harness truncates each ending's row instead; HellaSwag never comes near 1024 tokens).
+
+Sharded models (FSDP2, ``fully_shard``): every forward gathers parameters from all ranks, so every rank must make the
+same number of forwards, through the root module (a submodule such as ``base_model`` or the output embeddings called
+on its own would skip the root's gather). The ranks agree on the most forwards any of them needs, the ones with fewer
+examples run that many more one-token forwards whose outputs are dropped, and each batch runs the whole model.
 """
 
 import json
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .fsdp import is_fsdp_module
 from .tokenizer import cache_dir as default_cache_root
 
 GITHUB_URLS = {
@@ -239,10 +245,13 @@ def max_context(model) -> int:
 
 @torch.inference_mode()
 def score_endings(model, tokenizer, examples: list[dict], convention: str = "completion", batch_size: int = 32,
-                  show_progress: bool = False) -> EndingScores:
+                  show_progress: bool = False, agree_on_forwards=None) -> EndingScores:
     """Log-likelihoods of all endings of ``examples`` under ``model`` (any HF causal LM with a KV cache).
 
-    Examples are sorted by length and scored ``batch_size`` at a time; results come back in the input order."""
+    Examples are sorted by length and scored ``batch_size`` at a time; results come back in the input order.
+    ``agree_on_forwards(n) -> N``: for sharded models, a collective that returns the most forwards any rank needs
+    (``n`` is this rank's); this rank then runs ``N - n`` more forwards whose outputs it drops. Every rank must call
+    this function with it, even with no examples."""
     rendered = render(examples, tokenizer, convention)
     device = next(model.parameters()).device
     limit = max_context(model)
@@ -253,15 +262,20 @@ def score_endings(model, tokenizer, examples: list[dict], convention: str = "com
     logprob = torch.zeros(len(rendered), NUM_ENDINGS, dtype=torch.float64, device=device)
     # longest first: similar lengths share a batch (little padding), and an out-of-memory shows on the first batch
     order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].context) - max(map(len, rendered[i].endings)))
+    plan = [_fitting_batches(order[start : start + batch_size], rendered, limit)
+            for start in range(0, len(order), batch_size)]  # fmt: skip
+    forwards = sum(_forwards([rendered[i] for i in sub]) for subs in plan for sub in subs)
+    extra = agree_on_forwards(forwards) - forwards if agree_on_forwards is not None else 0
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), unit="ex", desc=f"hellaswag/{convention}", disable=not show_progress)
     with inference_autocast(device), bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            for sub in _fitting_batches(idx, rendered, limit):
+        for subs in plan:
+            for sub in subs:
                 logprob[sub] = _score_batch(model, [rendered[i] for i in sub], device, limit)
-            bar.update(len(idx))
+            bar.update(sum(map(len, subs)))
+        for _ in range(extra):  # keeps a sharded model's ranks in step: the others still need this rank's shards
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False, logits_to_keep=1)
     model.train(was_training)
     norm = torch.tensor([r.norm for r in rendered], dtype=torch.float64).reshape(-1, NUM_ENDINGS)
     label = torch.tensor([r.label for r in rendered], dtype=torch.long)
@@ -276,6 +290,12 @@ def _fitting_batches(idx: list[int], rendered: list[Rendered], limit: int) -> li
         return [idx]
     half = len(idx) // 2
     return _fitting_batches(idx[:half], rendered, limit) + _fitting_batches(idx[half:], rendered, limit)
+
+
+def _forwards(batch: list[Rendered]) -> int:
+    """How many model calls `_score_batch` makes for this batch: the context pass (when any context is longer than
+    its last token) and the endings pass."""
+    return 1 + (max(len(r.context) for r in batch) > 1)
 
 
 def _padded(rows: list[list[int]], device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,8 +317,9 @@ def _score_batch(model, batch: list[Rendered], device, limit: int) -> torch.Tens
     cache 4x and runs one right-padded row per ending: [last context token, ending[:-1]], whose outputs predict
     exactly the ending's tokens. Padding only at the two outer ends keeps each context and its ending adjacent in
     the cache, which sliding-window attention needs. For models whose logits are lm_head(last hidden state),
-    lm_head runs only on the scored outputs."""
-    plain_head = model.config.model_type in PLAIN_HEAD_MODEL_TYPES
+    lm_head runs only on the scored outputs, unless the model is sharded (FSDP2): then only the full model's forward
+    gathers its parameters, so it runs whole."""
+    plain_head = model.config.model_type in PLAIN_HEAD_MODEL_TYPES and not is_fsdp_module(model)
     net = model.base_model if plain_head else model
     prefixes = [r.context[:-1] for r in batch]
     cache, prefix_mask = None, None
@@ -337,18 +358,23 @@ def evaluate_hellaswag(model, tokenizer, examples: list[dict], convention: str =
     """``{"convention", "acc", "acc_norm", "n"}`` over ``examples``.
 
     With an ``accelerator`` each rank scores its share and the counts are summed across ranks (every rank gets the
-    result). Call it on the unwrapped, uncompiled model; the model's train/eval mode is restored afterwards."""
+    result). Call it on every rank with the unwrapped, uncompiled model (for FSDP2, the sharded root module: the ranks
+    then make the same number of forwards); the model's train/eval mode is restored afterwards."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown HellaSwag convention {convention!r}; expected one of {list(CONVENTIONS)}")
     main = accelerator is None or accelerator.is_main_process
+    agree = None
     if accelerator is None:
         local = examples
     else:
         with accelerator.split_between_processes(examples) as part:
             local = list(part)
+        if accelerator.num_processes > 1 and is_fsdp_module(model):
+            def agree(n: int) -> int:
+                return int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "max").item())
     counts = torch.zeros(3, dtype=torch.float64)
-    if local:
-        scores = score_endings(model, tokenizer, local, convention, batch_size, show_progress and main)
+    if local or agree is not None:  # a sharded model needs every rank in each forward, even one without examples
+        scores = score_endings(model, tokenizer, local, convention, batch_size, show_progress and main, agree)
         counts = torch.tensor([
             len(local),
             (scores.predictions() == scores.label).sum().item(),

@@ -2,14 +2,16 @@
 wraps the model, and agreed on by every rank.
 
 - `save_state` goes into `.step_N.tmp` and is renamed to `step_N` once every rank has written, with a
-  `checkpoint.json` listing each file's size and the model settings: a kill mid-save leaves the previous checkpoint
-  as the latest, and a truncated file is found before anything is loaded.
+  `checkpoint.json` listing each file's size (subfolders included: FSDP writes its sharded model and optimizer as
+  `torch.distributed.checkpoint` folders, one file per rank) and the model settings: a kill mid-save leaves the
+  previous checkpoint as the latest, and a truncated or missing file is found before anything is loaded.
 - The model's weights are saved under its own parameter names (not `_orig_mod.` / `module.`), so a checkpoint
   saved with `torch.compile` resumes without it and back, and under any world size.
 - On resume every rank lists the checkpoints it can read; they continue from the newest one that all of them have
   (a corrupt newest one is named and skipped), or stop with one message on every node, never a hang.
 - Each node needs the checkpoint on its own disk: with one shared filesystem rank 0 writes it; without one (found
-  at start-up by a probe file), every node's first rank writes a full copy (`save_on_each_node`).
+  at start-up by a probe file), every node's first rank writes a full copy (`save_on_each_node`). FSDP cannot do
+  that (each rank holds, and writes, only its shard), so an FSDP run without a shared filesystem stops at start-up.
 """
 
 import json
@@ -62,6 +64,9 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         self.shared = storage_is_shared(accelerator, self.dir)
+        if not self.shared and accelerator.distributed_type == DistributedType.FSDP:
+            raise ResumeError(f"{self.dir} is not on one filesystem that every rank sees: FSDP checkpoints hold each "
+                              f"rank's shard, so put output_dir on a shared filesystem")  # fmt: skip
         if not self.shared:  # each node keeps a full copy of what its ranks need
             accelerator.project_configuration.save_on_each_node = True
         self.writer = accelerator.is_main_process if self.shared else accelerator.is_local_main_process
@@ -100,7 +105,7 @@ class Checkpointer:
         self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()
         if self.writer:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             info = {"step": step, "model": self.settings, "files": files, **(extra or {})}
             (tmp / INFO).write_text(json.dumps(info, indent=1))
             shutil.rmtree(final, ignore_errors=True)
