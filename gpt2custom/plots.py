@@ -3,10 +3,16 @@
 import json
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on training nodes and CI
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on training nodes and CI), imported when a plot is made:
+    every training process imports this module, few of them plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_metrics(path: "str | Path") -> list[dict]:
@@ -26,7 +32,7 @@ def _save(fig, ax, ylabel: str, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -36,7 +42,7 @@ def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: 
     out_dir = Path(out_dir)
     written = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for kind, key, label in (("train", "loss", "train loss"), ("eval", "val_loss", "val loss")):
         pts = [(r["step"], r[key]) for r in rows if r.get("kind") == kind and key in r]
         if pts:
@@ -49,7 +55,7 @@ def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: 
 
     pts = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc_norm" in r]
     if pts:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = pyplot().subplots(figsize=(7, 4.5))
         ax.plot(*zip(*pts), marker="o", label="ours (acc_norm)")
         ax.axhline(0.2955, linestyle="--", color="gray", label="OpenAI GPT-2 124M (0.2955)")
         ax.axhline(0.25, linestyle=":", color="gray", label="chance (0.25)")
@@ -60,7 +66,7 @@ def plot_training(metrics_path: "str | Path", out_dir: "str | Path", baselines: 
 def plot_sft(log_history: list[dict], path: "str | Path") -> Path:
     """sft_loss.png: the training loss on assistant tokens against the optimizer step (TRL's `log_history`, as in
     trainer_state.json), with the held-out loss where it was evaluated."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for key, label in (("loss", "train loss (assistant tokens)"), ("eval_loss", "held-out loss")):
         pts = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
         if pts:
