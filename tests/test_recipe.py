@@ -3,6 +3,8 @@ paper's init statistics, a plain nanoGPT-style GPT-2 trained in this file with b
 attention kernel's own view of its mask, and the host syncs a step makes. Then resume across a change of compile
 flag and of world size, on the path users run (pretrain.py, compiled with a backend that needs no C++ build)."""
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -233,10 +235,24 @@ def recipe_data(tmp_path_factory, real_text):
     return root
 
 
-def pretrain(data, out, *extra, launcher=()):
-    args = ["pretrain.py", "--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl",
-            "--init_from", data / "init", "--output_dir", out, *RECIPE, *map(str, extra)]  # fmt: skip
-    return run_script(*launcher, *args)
+def pretrain(data, out, *extra) -> str:
+    """pretrain.py's `main` with these flags, in this process (it has paid for torch's import already); returns
+    what it printed. The distributed runs launch the script itself."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import pretrain as script
+
+    argv = ["--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl", "--init_from",
+            data / "init", "--output_dir", out, *RECIPE, *extra]  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run sets its own precision
+    GradientState._reset_state()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        script.main([str(a) for a in argv])
+    torch._dynamo.reset()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return printed.getvalue()
 
 
 def rows(out, kind):
@@ -318,14 +334,14 @@ def test_evaluation_is_the_same_compiled_or_not_and_the_last_step_has_it(compile
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
 
 
-def continue_run(recipe_data, done, tmp_path, *extra, launcher=()):
+def continue_run(recipe_data, done, tmp_path, *extra):
     out = tmp_path / "resumed"
     shutil.copytree(done, out)
     shutil.rmtree(out / "checkpoints" / "step_000020")
     shutil.rmtree(out / "final")
     (out / "run_summary.json").unlink()
-    proc = pretrain(recipe_data, out, *extra, "--resume", "true", launcher=launcher)
-    assert "resumed from" in proc.stdout + proc.stderr and "step_000010" in proc.stdout + proc.stderr
+    printed = pretrain(recipe_data, out, *extra, "--resume", "true")
+    assert "resumed from" in printed and "step_000010" in printed
     return out
 
 
