@@ -40,6 +40,23 @@ def run_script(*args, cwd=REPO, env=None, timeout=300, check=True):
     return proc
 
 
+def text_shards(root, text: str, val_tokens: int = 3000, shard_size: int = 20000) -> Path:
+    """`root/shards`: token shards of `text` (one document per paragraph) made by prepare_data.py's own `main`, in
+    this process (a fresh interpreter would spend seconds importing what this one has)."""
+    import contextlib
+    import io
+
+    import prepare_data
+
+    root = Path(root)
+    (root / "text.txt").write_text(text, encoding="utf-8")
+    argv = ["--source", str(root / "text.txt"), "--text_sample_by", "paragraph", "--out_dir", str(root / "shards"),
+            "--val_tokens", str(val_tokens), "--shard_size", str(shard_size), "--num_proc", "1"]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare_data.main(prepare_data.parse_options(argv))
+    return root / "shards"
+
+
 def serve_json(respond) -> ThreadingHTTPServer:
     """A real HTTP server on 127.0.0.1 in a daemon thread; `respond(method, path, headers, body) -> (status, payload)`
     answers every GET and POST with JSON. Returns the server (`.url`: its base URL; `.shutdown()` stops it)."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, text_shards
 from gpt2custom.distributed import run_with_deadline
 
 pytestmark = pytest.mark.slow
@@ -36,9 +36,7 @@ DEADLINE = 300  # seconds per launch; a run takes about 20
 def data(tmp_path_factory, real_text):
     """Token shards of real text, and a HellaSwag-format file whose two halves need different numbers of forwards."""
     root = tmp_path_factory.mktemp("fsdp_data")
-    (root / "text.txt").write_text(real_text[:200_000], encoding="utf-8")
-    run_script("prepare_data.py", "--source", root / "text.txt", "--text_sample_by", "paragraph", "--out_dir",
-               root / "shards", "--val_tokens", "3000", "--shard_size", "20000", "--num_proc", "1")  # fmt: skip
+    text_shards(root, real_text[:200_000])
     lines = [ln.strip() for ln in real_text.splitlines() if len(ln.split()) >= 4][:40]
     # 13 examples: rank 0 scores the first 7, rank 1 the last 6, whose one-token contexts need no context pass. So
     # rank 1 makes fewer forwards, and a sharded model hangs unless the ranks agree on a count.

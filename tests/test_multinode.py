@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, text_shards
 
 RUN = [
     "--model_preset", "tiny", "--block_size", "32", "--micro_batch_size", "4", "--total_batch_size", "256",
@@ -22,11 +22,7 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, real_text):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "text.txt").write_text(real_text[:200_000], encoding="utf-8")
-    run_script("prepare_data.py", "--source", root / "text.txt", "--text_sample_by", "paragraph", "--out_dir",
-               root / "shards", "--val_tokens", "3000", "--shard_size", "20000", "--num_proc", "1")  # fmt: skip
-    return root / "shards"
+    return text_shards(tmp_path_factory.mktemp("corpus"), real_text[:200_000])
 
 
 def launch_two_nodes(shards, outs, *extra, timeout=240):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_png, run_script
+from conftest import REPO, assert_png, run_script, text_shards
 
 pytestmark = pytest.mark.slow  # every test here runs pretrain.py on shards that prepare_data.py makes first
 
@@ -30,12 +30,7 @@ TINY_RUN = [
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, real_text):
     """Token shards of real text, made by prepare_data.py from a local .txt file."""
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "text.txt").write_text(real_text[:300_000], encoding="utf-8")
-    out = root / "shards"
-    run_script("prepare_data.py", "--source", root / "text.txt", "--text_sample_by", "paragraph", "--out_dir", out,
-               "--val_tokens", "4000", "--shard_size", "20000", "--num_proc", "1")
-    return out
+    return text_shards(tmp_path_factory.mktemp("corpus"), real_text[:300_000], val_tokens=4000)
 
 
 def pretrain(shards, out, *extra, check=True, env=None):
@@ -162,11 +157,7 @@ def tree_bytes(folder):
 @pytest.fixture(scope="module")
 def other_data(shards, tmp_path_factory, real_text):
     """The same corpus prepared again differently (no validation split): a "re-prepared" data folder."""
-    root = tmp_path_factory.mktemp("other")
-    (root / "text.txt").write_text(real_text[:200_000], encoding="utf-8")
-    run_script("prepare_data.py", "--source", root / "text.txt", "--text_sample_by", "paragraph", "--out_dir",
-               root / "shards", "--val_tokens", "0", "--shard_size", "30000", "--num_proc", "1")  # fmt: skip
-    return root / "shards"
+    return text_shards(tmp_path_factory.mktemp("other"), real_text[:200_000], val_tokens=0, shard_size=30000)
 
 
 def truncate(path, keep=100):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, run_script, text_shards
 
 # --------------------------------------------------------------------------- init
 
@@ -219,9 +219,7 @@ def recipe_data(tmp_path_factory, real_text):
     from modeling_gpt2custom import GPT2CustomForCausalLM
 
     root = tmp_path_factory.mktemp("recipe")
-    (root / "text.txt").write_text(real_text[:200_000], encoding="utf-8")
-    run_script("prepare_data.py", "--source", root / "text.txt", "--text_sample_by", "paragraph", "--out_dir",
-               root / "shards", "--val_tokens", "3000", "--shard_size", "20000", "--num_proc", "1")  # fmt: skip
+    text_shards(root, real_text[:200_000])
     lines = [ln.strip() for ln in real_text.splitlines() if len(ln.split()) >= 4][:80]
     rows = [{"ind": i, "activity_label": "Reading", "ctx_a": lines[i], "ctx_b": "", "ctx": lines[i],
              "endings": lines[20 + i : 24 + i], "label": i % 4, "split": "val", "split_type": "indomain",
