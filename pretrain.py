@@ -171,6 +171,10 @@ class Pretrainer:
 
         self.model = self.build_model()  # the raw module: evaluation, sampling and saving use it
         self.tokenizer = add_chat_format(load_tokenizer())  # saved with the model, so `trl sft` can start from it
+        prompt_tokens = len(self.tokenizer(args.sample_prompt)["input_ids"])
+        if args.sample_interval and prompt_tokens >= args.block_size:
+            raise ValueError(f"sample_prompt is {prompt_tokens} tokens, block_size={args.block_size}: expected a "
+                             f"shorter prompt (or sample_interval 0)")  # fmt: skip
         self.optimizers = build_optimizers(
             self.model if self.fsdp else self.model.to(acc.device),  # fully_shard places each rank's shard
             optimizer=args.optimizer,
@@ -304,7 +308,8 @@ class Pretrainer:
         devices = [acc.device] if acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), acc.autocast():
             torch.manual_seed(args.seed)
-            out = model.generate(**prompts, do_sample=True, top_k=50, max_new_tokens=args.sample_tokens,
+            new_tokens = min(args.sample_tokens, args.block_size - prompts["input_ids"].shape[1])  # fit the context
+            out = model.generate(**prompts, do_sample=True, top_k=50, max_new_tokens=new_tokens,
                                  pad_token_id=self.tokenizer.eos_token_id,
                                  synced_gpus=self.fsdp and acc.num_processes > 1)  # fmt: skip
         model.train()

@@ -44,7 +44,8 @@ def train_losses(out):
     return [by_step[s] for s in sorted(by_step)]
 
 
-STEPS = ["--max_steps", "16", "--checkpoint_interval", "4", "--keep_checkpoints", "2"]
+# samples at the end: 32 new tokens asked of a 32-token context (the prompt's tokens must leave room)
+STEPS = ["--max_steps", "16", "--checkpoint_interval", "4", "--keep_checkpoints", "2", "--sample_interval", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +193,8 @@ def drop_train_shard(data, out):
          "was saved with block_size=32 (this run: 16)"),
         ("re-prepared data on resume", "other", ["--resume", "true"], "cannot resume from"),
         ("fp16 with Muon", None, ["--precision", "fp16", "--optimizer", "muon"], "precision=fp16 with optimizer=muon"),
+        ("sample prompt longer than the context", None, ["--sample_prompt", "word " * 40],
+         "sample_prompt is 41 tokens, block_size=32"),
     ],
 )  # fmt: skip
 def test_each_failure_is_one_line_naming_the_thing_and_damages_nothing(
