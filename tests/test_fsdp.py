@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, free_port, text_shards
 from gpt2custom.distributed import run_with_deadline
+from gpt2custom.plots import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +77,8 @@ def fsdp_run(data, tmp_path_factory):
 
 
 def rows(out, kind):
-    by_step = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["kind"] == kind:
-            by_step[row["step"]] = row  # after a resume the later row for a step wins
-    return [by_step[s] for s in sorted(by_step)]
+    """metrics.jsonl's rows of `kind` by step (after a resume the later row for a step wins)."""
+    return [row for row in read_metrics(out / "metrics.jsonl") if row["kind"] == kind]
 
 
 def test_fsdp_trains_and_evaluates_as_ddp_does(fsdp_run, ddp_run):

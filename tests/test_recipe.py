@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import REPO, free_port, run_script, text_shards
+from gpt2custom.plots import read_metrics
 
 # --------------------------------------------------------------------------- init
 
@@ -254,12 +255,8 @@ def pretrain(data, out, *extra) -> str:
 
 
 def rows(out, kind):
-    by_step = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["kind"] == kind:
-            by_step[row["step"]] = row  # after a resume the later row for a step wins
-    return [by_step[s] for s in sorted(by_step)]
+    """metrics.jsonl's rows of `kind` by step (after a resume the later row for a step wins)."""
+    return [row for row in read_metrics(out / "metrics.jsonl") if row["kind"] == kind]
 
 
 def final_weights(out):
