@@ -123,19 +123,12 @@ class GPT2CustomPreTrainedModel(PreTrainedModel):
 
         The residual rule sits on the Linear itself (tagged in __init__), not on the attention/MLP containers:
         transformers 5 skips `_init_weights` for modules that own no parameters of their own under remote code."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            if getattr(module, "is_residual_projection", False):
-                std = std / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "is_residual_projection", False):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * self.config.n_layer))
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        else:  # Linear/Embedding N(0, initializer_range), zero biases, LayerNorm (1, 0)
+            super()._init_weights(module)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
