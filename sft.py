@@ -33,7 +33,7 @@ from accelerate import PartialState
 from transformers import IntervalStrategy, TrainerState
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
-from gpt2custom.chat import load_chat_tokenizer
+from gpt2custom.chat import load_chat_tokenizer, stop_token_ids
 from gpt2custom.checkpoints import load_model
 from gpt2custom.distributed import shutdown
 from gpt2custom.hub import write_model_card
@@ -202,6 +202,8 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
         processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # The folder's own generate() and pipeline() then stop where a chat answer ends, as the published folder does.
+    trainer.model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     trainer.save_model(training_args.output_dir)  # also the tokenizer with its chat template
     trainer.save_state()  # trainer_state.json: the log history
     # With step-wise evaluation the Trainer has just evaluated the final model itself: no second pass over eval_set.

@@ -40,6 +40,11 @@ def add_chat_format(tokenizer, model_vocab_size: int = 50304):
     return tokenizer
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Where a chat answer ends: `<|endoftext|>`, or a role marker (the model began the next turn itself)."""
+    return [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(ROLE_TOKENS)]
+
+
 def load_chat_tokenizer(name_or_path: str | None = None, model_vocab_size: int = 50304, **kwargs):
     """The tokenizer of a model folder or Hub repo with the chat format added; GPT-2's own (offline) when
     `name_or_path` is None or a local folder without tokenizer files (a bare weights folder)."""

@@ -14,7 +14,8 @@ import torch
 import yaml
 from datasets import Dataset
 from huggingface_hub import ModelCard
-from transformers import AutoModelForCausalLM, TrainerState
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 from conftest import REPO, free_port, make_tiny_model
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
@@ -267,10 +268,12 @@ def test_packed_batch_attends_only_within_each_conversation(tiny_checkpoint, tmp
 
 
 def sft_args(model, dataset, out) -> list[str]:
-    """The fine-tuning run of the tests: the smoke config, a higher LR and fewer steps (paths have no spaces)."""
+    """The fine-tuning run of the tests: the smoke config, a higher LR and fewer steps (paths have no spaces). Six
+    held-out conversations leave 18 that pack into 4 rows: whole epochs for both two ranks and two accumulated
+    micro-batches, so the one-process run sees the same rows at every step."""
     return (
         f"--config configs/sft-smoke.yaml --model_name_or_path {model} --dataset_name {dataset} --output_dir {out} "
-        f"--max_steps {STEPS} --gradient_accumulation_steps 1 --learning_rate 1e-2 --warmup_steps 3 --eval_size 2 "
+        f"--max_steps {STEPS} --gradient_accumulation_steps 1 --learning_rate 1e-2 --warmup_steps 3 --eval_size 6 "
         "--eval_steps 1000 --logging_steps 5"
     ).split()
 
@@ -356,25 +359,86 @@ def assistant_loss(model, tokenizer, conversations) -> float:
     return total / count
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tiny_checkpoint, chat_jsonl, tmp_path_factory):
+    """sft.py in this process, as `python sft.py` runs it on one device: the arguments of sft_run except that two
+    accumulated micro-batches stand in for the two ranks, so each optimizer step sees the same packed rows."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import sft
+
+    out = tmp_path_factory.mktemp("sft_one") / "out"
+    argv = sft_args(tiny_checkpoint, chat_jsonl, out)
+    argv[argv.index("--gradient_accumulation_steps") + 1] = "2"
+    try:
+        sft.main(*sft.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return out
+
+
+def saved_weights(folder) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_fine_tune_and_save_a_model_folder(sft_run):
+def test_two_gloo_ranks_train_the_weights_of_one_process_with_accumulation(sft_run, one_process_run):
+    """DDP's gradient average over two ranks, with the Trainer's token counting across devices, is the gradient of
+    one process that accumulates the same two packed rows: same losses, same final weights."""
+    two, one = saved_weights(sft_run[0]), saved_weights(one_process_run)
+    assert two.keys() == one.keys()
+    for name in two:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)  # measured: bitwise
+    logs = lambda folder: [(log["step"], log["epoch"], log["loss"]) for log in json.loads(  # noqa: E731
+        (folder / "trainer_state.json").read_text())["log_history"] if "loss" in log]
+    (steps_two, epochs_two, losses_two), (steps_one, epochs_one, losses_one) = zip(*logs(sft_run[0])), zip(
+        *logs(one_process_run))
+    assert steps_two == steps_one == (5, 10, 15, 20) and epochs_two == epochs_one  # the same rows at every step
+    assert losses_two == pytest.approx(losses_one, rel=1e-5)
+    eval_two, eval_one = (json.loads((folder / "eval_results.json").read_text())["eval_loss"]
+                          for folder in (sft_run[0], one_process_run))
+    assert eval_two == pytest.approx(eval_one, rel=1e-5)
+
+
+def user_loss(model, tokenizer, conversations) -> float:
+    """Mean cross-entropy on the user turns' text, the tokens assistant_only_loss leaves out of training."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in conversations:
+            ids, labels = expected_tokens(tokenizer, messages)
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(ids[1:])
+            keep = (torch.tensor(labels[1:]) == -100) & (targets < 50257)  # role markers aside
+            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_fine_tune_and_save_a_model_folder(sft_run, tiny_checkpoint):
     out, log = sft_run
     assert "2 process(es), DistributedType.MULTI_CPU" in log
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS
     assert state["train_batch_size"] == 1  # per rank; the two ranks together take two packed rows a step
-    for name in (
-        "model.safetensors",
-        "config.json",
-        "modeling_gpt2custom.py",
-        "configuration_gpt2custom.py",
-        "chat_template.jinja",
-        "tokenizer.json",
-        "generation_config.json",
-        "eval_results.json",
-    ):
-        assert (out / name).exists(), name
-    assert "auto_map" in json.loads((out / "config.json").read_text())
+    # What a Hub user loads: every file with the content its reader expects, not only present.
+    base = saved_weights(tiny_checkpoint)
+    weights = saved_weights(out)
+    assert weights.keys() == base.keys() and all(w.dtype == torch.float32 for w in weights.values())
+    assert not torch.equal(weights["transformer.wte.weight"], base["transformer.wte.weight"])
+    config, base_config = (json.loads((folder / "config.json").read_text()) for folder in (out, tiny_checkpoint))
+    assert config["auto_map"] == base_config["auto_map"] and config["model_type"] == "gpt2custom"
+    assert {k: config[k] for k in ("vocab_size", "n_embd", "n_layer", "block_size")} == {
+        k: base_config[k] for k in ("vocab_size", "n_embd", "n_layer", "block_size")}
+    for name in ("modeling_gpt2custom.py", "configuration_gpt2custom.py"):
+        assert (out / name).read_bytes() == (REPO / name).read_bytes(), name
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert tokenizer("Hello world").input_ids == [15496, 995]  # GPT-2's BPE, from tokenizer.json
+    assert tokenizer.convert_tokens_to_ids(ROLE_TOKENS) == [50257, 50258, 50259]
+    # generate() (and chat.py) stop at the end of an answer or where the model starts the next turn, as in publish.py's folder
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [EOT_ID, 50257, 50258, 50259]
 
 
 @pytest.mark.slow
@@ -524,8 +588,9 @@ def test_trl_sft_cli_fine_tunes_our_checkpoint(chat_jsonl, tmp_path):
     trl = shutil.which("trl") or pytest.fail("the trl CLI (installed with the trl package) is not on PATH")
     command = (
         f"sft --config {config} --model_name_or_path {base} --output_dir {tmp_path / 'out'} --trust_remote_code true "
-        "--use_cpu true --bf16 false --max_steps 2 --per_device_train_batch_size 2 --max_length 128 "
-        "--assistant_only_loss true --activation_checkpointing false --report_to none --save_strategy no"
+        "--use_cpu true --bf16 false --max_steps 8 --per_device_train_batch_size 2 --max_length 128 "
+        "--learning_rate 1e-2 --assistant_only_loss true --activation_checkpointing false --report_to none "
+        "--save_strategy no --seed 0"
     )
     proc = subprocess.run(
         [trl, *command.split()],
@@ -538,5 +603,13 @@ def test_trl_sft_cli_fine_tunes_our_checkpoint(chat_jsonl, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert type(tuned).__name__ == "GPT2CustomForCausalLM"
-    assert not torch.equal(tuned.transformer.wte.weight, make_tiny_model().transformer.wte.weight)  # it trained
     assert (tmp_path / "out" / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    # It learned the answers, measured on the assistant tokens by the chat format's spec (expected_tokens), and only
+    # them: the user turns, which assistant_only_loss leaves out of the loss, stay as unlikely as before.
+    tokenizer = load_chat_tokenizer(str(base))
+    conversations = [hello(name, two_turns=True) for name in NAMES[:6]]
+    untrained = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True)
+    before, after = assistant_loss(untrained, tokenizer, conversations), assistant_loss(tuned, tokenizer, conversations)
+    assert after < before / 4, (before, after)  # measured: 13.3 -> 0.30
+    before_user, after_user = (user_loss(m, tokenizer, conversations) for m in (untrained, tuned))
+    assert after_user > 0.8 * before_user, (before_user, after_user)  # measured: 12.9 -> 12.6; trained on: 1.9
