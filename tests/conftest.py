@@ -5,8 +5,10 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from functools import partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,11 +27,12 @@ def run_script(*args, cwd=REPO, env=None, timeout=300, check=True):
     """Run a Python script or module of the repo in a fresh process; returns CompletedProcess (text).
 
     Bounded by `timeout`: a process (or a launcher's rank) still running then fails the test with the Python stacks
-    of every process it started, rather than holding CI until its own limit."""
+    of every process it started, rather than holding CI until its own limit. A `None` in `env` removes that variable."""
     from gpt2custom.distributed import run_with_deadline
 
     # One thread per process: the suite runs several processes on 2 cores, and oversubscribed threads crawl.
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     try:
         proc = run_with_deadline([sys.executable, *map(str, args)], timeout, cwd=cwd, env=full_env)
     except subprocess.TimeoutExpired as e:
@@ -57,9 +60,28 @@ def text_shards(root, text: str, val_tokens: int = 3000, shard_size: int = 20000
     return root / "shards"
 
 
+class _Server(ThreadingHTTPServer):
+    """A ThreadingHTTPServer answering from a daemon thread; `with` stops it and closes its socket on exit, after
+    which connections are refused."""
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+def _start_server(handler_class) -> _Server:
+    """`handler_class` served on 127.0.0.1, port 0 (the OS picks a free one), from a daemon thread; `.url`: the
+    base URL."""
+    server = _Server(("127.0.0.1", 0), handler_class)
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def serve_json(respond) -> ThreadingHTTPServer:
     """A real HTTP server on 127.0.0.1 in a daemon thread; `respond(method, path, headers, body) -> (status, payload)`
-    answers every GET and POST with JSON. Returns the server (`.url`: its base URL; `.shutdown()` stops it)."""
+    answers every GET and POST with JSON. Returns the server (`.url`: its base URL; `.shutdown()` stops it; `with`
+    also closes its socket)."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -82,10 +104,94 @@ def serve_json(respond) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.url = f"http://127.0.0.1:{server.server_port}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return _start_server(Handler)
+
+
+def serve_directory(path) -> ThreadingHTTPServer:
+    """The files of folder `path` over HTTP GET, from a real server on 127.0.0.1 in a daemon thread (`.url`: its base
+    URL). `with serve_directory(path) as server:` stops it and closes its socket at the end of the block."""
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    return _start_server(partial(Handler, directory=str(path)))
+
+
+def write_jsonl(path, rows) -> Path:
+    """`rows` as JSON Lines (one object per line, UTF-8) at `path`; returns the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# The start of every script `run_in_clean_process` runs; RESULT_FILE is set in the line written before it.
+CLEAN_PROCESS_PREAMBLE = '''
+import importlib.util, json, sys
+from pathlib import Path
+
+# Clean means the repo's own code cannot be imported: only a model folder's copies of the model files can be loaded.
+for _name in ("gpt2custom", "modeling_gpt2custom", "configuration_gpt2custom"):
+    if importlib.util.find_spec(_name) is not None:
+        sys.exit(f"not a clean process: {_name} is importable from {importlib.util.find_spec(_name).origin}")
+
+
+def model_facts(model) -> dict:
+    """Where the loaded model's code came from: whether the name modeling_gpt2custom can be imported, and the class."""
+    return {"repo_code_importable": importlib.util.find_spec("modeling_gpt2custom") is not None,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def load_folder(folder, trust_remote_code=True):
+    """(model in eval mode, tokenizer, model_facts) of a saved folder, loaded as a user of the Hub would."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model, tokenizer, model_facts(model)
+
+
+def emit(result: dict):
+    """The process's answer: the dict run_in_clean_process returns."""
+    Path(RESULT_FILE).write_text(json.dumps(result))
+
+'''
+
+
+def run_in_clean_process(body: str, *args, cwd, timeout=300, env=None) -> dict:
+    """Run `body` after CLEAN_PROCESS_PREAMBLE (`load_folder`, `model_facts`, `emit`) in a fresh interpreter, as a
+    user of a published folder would: cwd = `cwd` (a folder outside the repo, where the script is written), no
+    PYTHONPATH, offline, HF_HOME (so the remote-code module cache) inside `cwd`, and this process's thread count,
+    so that matmuls reduce in the same order and logits match bitwise. `args` are its sys.argv[1:]; `env` is added
+    last (None removes a variable). Returns the dict the body passed to `emit`; a failure, a timeout or no `emit`
+    fails the test with the process's stderr."""
+    cwd = Path(cwd).resolve()
+    assert not cwd.is_relative_to(REPO), f"a clean process runs outside the repo, not in {cwd}"
+    script, result = cwd / "clean_process.py", cwd / "clean_process_result.json"
+    result.unlink(missing_ok=True)
+    script.write_text(f"RESULT_FILE = {str(result)!r}\n" + CLEAN_PROCESS_PREAMBLE + textwrap.dedent(body))
+    clean = {
+        "PYTHONPATH": None,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cwd / "hf_home"),
+        "HF_MODULES_CACHE": str(cwd / "hf_home" / "modules"),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    proc = run_script(script, *args, cwd=cwd, env={**clean, **(env or {})}, timeout=timeout)
+    if not result.exists():
+        raise AssertionError(
+            f"{script} exited 0 without calling emit()\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(result.read_text())
+
+
+def assert_remote_code_class(facts: dict):
+    """`facts` (the preamble's model_facts) say the model is our GPT2CustomForCausalLM as transformers loaded it
+    from the folder's own modeling_gpt2custom.py (transformers_modules.<folder>...), and no copy was importable."""
+    assert not facts["repo_code_importable"], facts
+    cls = facts["model_class"]
+    assert cls.startswith("transformers_modules.") and cls.endswith(".modeling_gpt2custom.GPT2CustomForCausalLM"), facts
 
 
 CHAT_STOP_IDS = (50256, 50257, 50258, 50259)  # <|endoftext|> and the role markers: the published stop tokens

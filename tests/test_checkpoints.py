@@ -1,47 +1,38 @@
 """Model folders: save_pretrained with remote code, loading from a clean process, GPT2LMHeadModel import/export."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO, make_tiny_model
+from conftest import REPO, assert_remote_code_class, make_tiny_model, run_in_clean_process
 from gpt2custom.checkpoints import export_gpt2, import_gpt2, load_model, save_model_folder
 from modeling_gpt2custom import GPT2CustomForCausalLM
 
 PROMPT = "Hello world, the quick brown fox"
 
-# Runs with cwd = a temp dir and no PYTHONPATH: only the folder's own copies of the model files can be imported.
-CLEAN_PROCESS = textwrap.dedent(
-    """
-    import importlib.util, json, sys
+# The body of a clean process (conftest.run_in_clean_process): only the folder's own copies of the model files load.
+CLEAN_LOAD = """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    from transformers import pipeline
 
     folder, reference = sys.argv[1], torch.load(sys.argv[2])
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model, tokenizer, facts = load_folder(folder)
     with torch.no_grad():
         logits = model(reference["ids"]).logits
     pipe = pipeline("text-generation", model=folder, trust_remote_code=True)
     text = pipe(reference["prompt"], max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
-    json.dump({
-        "repo_code_importable": importlib.util.find_spec("modeling_gpt2custom") is not None,
-        "model_class": f"{type(model).__module__}.{type(model).__name__}",
-        "pipeline_model_class": type(pipe.model).__name__,
+    emit({
+        "facts": facts,
+        "pipeline_facts": model_facts(pipe.model),
         "max_abs_logit_diff": (logits - reference["logits"]).abs().max().item(),
         "lm_head_tied": model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(),
         "prompt_ids": tokenizer(reference["prompt"]).input_ids,
         "pipeline_text": text,
-    }, open(sys.argv[3], "w"))
-    """
-)
+    })
+"""
 
 
 def randomize_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
@@ -75,25 +66,11 @@ def test_saved_folder_loads_in_a_clean_process_from_another_directory(tmp_path, 
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     torch.save({"ids": ids, "logits": logits(model, ids), "prompt": PROMPT}, tmp_path / "reference.pt")
     expected_ids = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    (tmp_path / "load.py").write_text(CLEAN_PROCESS)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # same thread count as this process, so the matmuls reduce in the same order and the logits match exactly
-    env |= {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run(
-        [sys.executable, "load.py", str(folder), "reference.pt", "result.json"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    # the clean process runs with this process's thread count: the matmuls reduce in the same order, the logits match
+    result = run_in_clean_process(CLEAN_LOAD, folder, tmp_path / "reference.pt", cwd=tmp_path)
 
-    assert not result["repo_code_importable"]
-    assert result["model_class"].startswith("transformers_modules.")
-    assert result["model_class"].endswith("modeling_gpt2custom.GPT2CustomForCausalLM")
-    assert result["pipeline_model_class"] == "GPT2CustomForCausalLM"
+    assert_remote_code_class(result["facts"])
+    assert_remote_code_class(result["pipeline_facts"])
     assert result["max_abs_logit_diff"] == 0.0
     assert result["lm_head_tied"]
     assert result["prompt_ids"] == ids[0].tolist()

@@ -2,27 +2,29 @@
 
 import json
 import sys
-import textwrap
 
 import pytest
 
-from conftest import CHAT_STOP_IDS, chat_prompt_ids, greedy_reference, make_tiny_model, run_script
+from conftest import (
+    CHAT_STOP_IDS,
+    assert_remote_code_class,
+    chat_prompt_ids,
+    greedy_reference,
+    make_tiny_model,
+    run_in_clean_process,
+)
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.hub import build_upload_folder
 
 CONTEXT = 256  # the tiny preset's block_size
 MAX_NEW_TOKENS_CAP = 40
 
-# The Inference Toolkit's loading sequence (huggingface_inference_toolkit.utils.
-# check_and_register_custom_pipeline_from_directory), then one call per request; one folder after the other.
-TOOLKIT_LOADER = textwrap.dedent(
-    """
-    import importlib.util, json, sys
-    from pathlib import Path
-
-    jobs_file, out_file = sys.argv[1:]
-    answers = []
-    for model_dir, requests in json.loads(Path(jobs_file).read_text()):
+# The body of a clean process (conftest.run_in_clean_process): the Inference Toolkit's loading sequence
+# (huggingface_inference_toolkit.utils.check_and_register_custom_pipeline_from_directory), then one call per request;
+# one folder after the other.
+TOOLKIT_LOAD = """
+    answers, facts = [], []
+    for model_dir, requests in json.loads(sys.argv[1]):
         spec = importlib.util.spec_from_file_location("handler.EndpointHandler", Path(model_dir) / "handler.py")
         sys.path.insert(0, model_dir)
         handler = importlib.util.module_from_spec(spec)
@@ -30,9 +32,10 @@ TOOLKIT_LOADER = textwrap.dedent(
         spec.loader.exec_module(handler)
         endpoint = handler.EndpointHandler(model_dir)
         answers.append([endpoint(request) for request in requests])
-    Path(out_file).write_text(json.dumps(answers))
-    """
-)
+        sys.path.remove(model_dir)  # the toolkit's own entry aside, the model files must not be importable by name
+        facts.append(model_facts(endpoint.model))
+    emit({"answers": answers, "facts": facts})
+"""
 
 LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 100  # ~900 tokens, far over the context
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
@@ -80,19 +83,26 @@ def folder(tmp_path_factory, model, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def answers(folder, tmp_path_factory):
-    """{name: response} from the published folder's handler, loaded the toolkit's way in a fresh process that runs
-    in another directory and cannot see the repo."""
-    tmp = tmp_path_factory.mktemp("toolkit")
-    names = list(GOOD) + list(BAD)
+def toolkit(folder, tmp_path_factory):
+    """The published folder's handler, loaded the toolkit's way in a clean process that runs in another directory and
+    cannot see the repo: {"answers": [responses], "facts": [model_facts]}, one entry per folder."""
     requests = list(GOOD.values()) + [req for req, _ in BAD.values()]
-    (tmp / "jobs.json").write_text(json.dumps([[str(folder), requests]]))
-    (tmp / "loader.py").write_text(TOOLKIT_LOADER)
-    (tmp / "elsewhere").mkdir()
-    env = {"HF_HOME": str(tmp / "hf_home"), "GPT2CUSTOM_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS_CAP), "PYTHONPATH": ""}
-    run_script(tmp / "loader.py", tmp / "jobs.json", tmp / "answers.json", cwd=tmp / "elsewhere", env=env)
-    (folder_answers,) = json.loads((tmp / "answers.json").read_text())
-    return dict(zip(names, folder_answers, strict=True))
+    env = {"GPT2CUSTOM_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS_CAP)}
+    jobs = json.dumps([[str(folder), requests]])
+    return run_in_clean_process(TOOLKIT_LOAD, jobs, cwd=tmp_path_factory.mktemp("toolkit"), env=env)
+
+
+@pytest.fixture(scope="module")
+def answers(toolkit):
+    """{name: response} from the published folder's handler."""
+    (folder_answers,) = toolkit["answers"]
+    return dict(zip(list(GOOD) + list(BAD), folder_answers, strict=True))
+
+
+@pytest.mark.slow
+def test_handler_runs_the_folders_own_model_code(toolkit):
+    (facts,) = toolkit["facts"]
+    assert_remote_code_class(facts)
 
 
 @pytest.mark.slow

@@ -1,12 +1,9 @@
 """HellaSwag: both conventions against a slow one-example-at-a-time reference, batching, export, ranks, bad input."""
 
-import functools
-import http.server
 import json
 import random
 import re
 import socket
-import threading
 
 import datasets
 import lm_eval.tasks.hellaswag.utils as lm_eval_hellaswag
@@ -15,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_png, free_port, make_tiny_model, run_script
+from conftest import assert_png, free_port, make_tiny_model, run_script, serve_directory, write_jsonl
 from gpt2custom.checkpoints import export_gpt2, load_model
 from gpt2custom.hellaswag import evaluate_hellaswag, load_hellaswag, read_examples, score_endings
 
@@ -42,11 +39,6 @@ def make_examples(text: str, n: int = 20, seed: int = 0) -> list[dict]:
             "split": "val", "split_type": "indomain", "source_id": f"fixture~{i}",
         })
     return examples
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -184,15 +176,9 @@ def test_evaluation_restores_training_mode(examples, tokenizer):
 
 
 def test_download_goes_to_the_cache_once(tmp_path, fixture_file, examples):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(fixture_file.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/{fixture_file.name}"
-    try:
+    with serve_directory(fixture_file.parent) as server:
+        url = f"{server.url}/{fixture_file.name}"
         assert load_hellaswag(url, cache_dir=tmp_path) == examples
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (tmp_path / fixture_file.name).read_bytes() == fixture_file.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == [fixture_file.name]  # no temporary file left behind
     assert load_hellaswag(url, cache_dir=tmp_path) == examples  # the server is gone: served from the cache

@@ -13,10 +13,10 @@ import yaml
 
 pytest.importorskip("lm_eval")
 
-from test_hellaswag import make_examples, write_jsonl  # noqa: E402
+from test_hellaswag import make_examples  # noqa: E402
 
 import eval_hellaswag  # noqa: E402
-from conftest import assert_png, make_tiny_model  # noqa: E402
+from conftest import assert_png, make_tiny_model, write_jsonl  # noqa: E402
 from gpt2custom.checkpoints import load_model  # noqa: E402
 from gpt2custom.evaluation import local_task_file, run_lm_eval  # noqa: E402
 from gpt2custom.hellaswag import score_endings  # noqa: E402

@@ -2,7 +2,6 @@
 
 import base64
 import json
-import textwrap
 
 import huggingface_hub.constants
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import publish
-from conftest import REPO, make_tiny_model, run_script, serve_json
+from conftest import REPO, assert_remote_code_class, make_tiny_model, run_in_clean_process, serve_json
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.hub import ENDPOINT_REQUIREMENTS, write_model_card
 
@@ -101,37 +100,28 @@ def stock_dry_run(checkpoint, tmp_path_factory):
     return out
 
 
-FRESH_LOADER = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
+# The body of a clean process (conftest.run_in_clean_process): each folder's logits go to <name>.npy in its cwd.
+FRESH_LOAD = """
     import numpy as np, torch
-    from transformers import AutoModelForCausalLM
 
-    jobs, input_ids, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
-    classes = {}
+    jobs, input_ids = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    facts = {}
     for name, folder, trust in jobs:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust).eval()
+        model, _, facts[name] = load_folder(folder, trust_remote_code=trust)
         with torch.no_grad():
-            np.save(out / f"{name}.npy", model(torch.tensor(input_ids)).logits.numpy())
-        classes[name] = type(model).__module__ + "." + type(model).__name__
-    (out / "classes.json").write_text(json.dumps(classes))
-    """
-)
+            np.save(f"{name}.npy", model(torch.tensor(input_ids)).logits.numpy())
+    emit(facts)
+"""
 
 
 @pytest.fixture(scope="module")
 def fresh_load(dry_run, stock_dry_run, tmp_path_factory):
-    """Both folders loaded with AutoModelForCausalLM in a new process, in another directory, without the repo on
-    the path: the remote-code one with trust_remote_code=True, the stock export with False."""
+    """Both folders loaded with AutoModelForCausalLM in a clean process, in another directory, without the repo on
+    the path: the remote-code one with trust_remote_code=True, the stock export with False. {name: (facts, logits)}"""
     tmp = tmp_path_factory.mktemp("fresh")
-    (tmp / "loader.py").write_text(FRESH_LOADER)
-    (tmp / "cwd").mkdir()
     jobs = [["custom", str(dry_run), True], ["stock", str(stock_dry_run), False]]
-    env = {"HF_HOME": str(tmp / "hf_home"), "PYTHONPATH": ""}
-    run_script(tmp / "loader.py", json.dumps(jobs), json.dumps(INPUT_IDS), tmp, cwd=tmp / "cwd", env=env)
-    classes = json.loads((tmp / "classes.json").read_text())
-    return {name: (classes[name], np.load(tmp / f"{name}.npy")) for name in classes}
+    facts = run_in_clean_process(FRESH_LOAD, json.dumps(jobs), json.dumps(INPUT_IDS), cwd=tmp)
+    return {name: (facts[name], np.load(tmp / f"{name}.npy")) for name in facts}
 
 
 def test_dry_run_writes_exactly_the_upload_files(dry_run):  # and the upload test checks they are what gets sent
@@ -151,15 +141,18 @@ def test_dry_run_writes_exactly_the_upload_files(dry_run):  # and the upload tes
 
 @pytest.mark.slow
 def test_dry_run_folder_loads_with_remote_code_in_a_fresh_process_with_the_same_logits(fresh_load, reference_logits):
-    cls, logits = fresh_load["custom"]
-    assert cls.startswith("transformers_modules.") and cls.endswith(".GPT2CustomForCausalLM")
+    facts, logits = fresh_load["custom"]
+    assert_remote_code_class(facts)
     np.testing.assert_allclose(logits, reference_logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_stock_export_loads_without_remote_code_with_the_same_logits(fresh_load, stock_dry_run, reference_logits):
-    cls, logits = fresh_load["stock"]
-    assert cls == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
+    facts, logits = fresh_load["stock"]
+    assert facts == {
+        "repo_code_importable": False,
+        "model_class": "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel",
+    }
     assert {p.name for p in stock_dry_run.glob("*.py")} == {"handler.py"}
     assert "auto_map" not in json.loads((stock_dry_run / "config.json").read_text())
     np.testing.assert_allclose(logits, reference_logits, rtol=0, atol=1e-4)
@@ -265,10 +258,8 @@ def test_upload_commits_the_dry_run_files_and_never_prints_the_token(checkpoint,
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     args = ["--model_dir", ckpt, "--eval_json", eval_json, "--private", "true", "--revision", "v1", *PUBLISH_ARGS]
-    try:
+    with hub.server:  # stopped and closed at the end, also when publish fails
         publish.main([str(a) for a in args])
-    finally:
-        hub.server.shutdown()
 
     out, err = capfd.readouterr()
     assert FAKE_TOKEN not in out + err + caplog.text

@@ -17,7 +17,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-from conftest import REPO, free_port, make_tiny_model
+from conftest import (REPO, assert_remote_code_class, free_port, make_tiny_model, run_in_clean_process,
+                      write_jsonl)
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.distributed import run_with_deadline
@@ -46,11 +47,6 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def synthetic_row(messages, prompt_id, rejected=None) -> dict:
@@ -503,42 +499,24 @@ def test_model_card_for_a_pushed_run_shows_data_recipe_and_held_out_loss(sft_run
         assert f"| `{key}` | `{value}` |" in card.text
 
 
-# Runs with cwd = a temp dir and no PYTHONPATH: only the folder's own copies of the model files can be imported.
-CLEAN_PROCESS = textwrap.dedent(
-    """
-    import importlib.util, json, sys
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+# The folder as a Hub user meets it (conftest.run_in_clean_process: no repo code importable, another directory).
+ANSWER_IN_CLEAN_PROCESS = """
     folder = sys.argv[1]
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model, tokenizer, facts = load_folder(folder)
     messages = [{"role": "user", "content": "Say hello to Zoe."}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    json.dump({"repo_code_importable": importlib.util.find_spec("modeling_gpt2custom") is not None,
-               "model_class": type(model).__module__, "prompt": tokenizer.decode(inputs["input_ids"][0]),
-               "new_ids": new, "answer": tokenizer.decode(new, skip_special_tokens=True)}, sys.stdout)
-    """
-)
+    emit({**facts, "prompt": tokenizer.decode(inputs["input_ids"][0]), "new_ids": new,
+          "answer": tokenizer.decode(new, skip_special_tokens=True)})
+"""
 
 
 @pytest.mark.slow
 def test_saved_folder_answers_in_a_clean_process_and_stops_at_end_of_text(sft_run, tmp_path):
     out, _ = sft_run
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CLEAN_PROCESS, str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    assert not result["repo_code_importable"]
-    assert result["model_class"].startswith("transformers_modules.")
+    result = run_in_clean_process(ANSWER_IN_CLEAN_PROCESS, out, cwd=tmp_path)
+    assert_remote_code_class(result)
     assert result["prompt"] == "<|user|>\nSay hello to Zoe.\n<|assistant|>\n"
     assert result["answer"] == ANSWER  # a name it never saw in training
     assert result["new_ids"][-1] == EOT_ID and len(result["new_ids"]) < 40  # stopped on <|endoftext|>
