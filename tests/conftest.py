@@ -194,6 +194,64 @@ def assert_remote_code_class(facts: dict):
     assert cls.startswith("transformers_modules.") and cls.endswith(".modeling_gpt2custom.GPT2CustomForCausalLM"), facts
 
 
+# sys.argv: module, attribute path, n, delay, then the script and its arguments. The script runs as __main__ with
+# `module.attribute` wrapped: after the n-th call returns, a timer thread stops the whole process (SIGSTOP) `delay`
+# seconds later, wherever the main thread then is.
+FREEZE_AFTER = """
+import importlib, os, runpy, signal, sys, threading
+module, path, n, delay = sys.argv[1], sys.argv[2].split("."), int(sys.argv[3]), float(sys.argv[4])
+sys.argv = sys.argv[5:]
+owner = importlib.import_module(module)
+for part in path[:-1]:
+    owner = getattr(owner, part)
+original, calls = getattr(owner, path[-1]), [0]
+
+def gated(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == n:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGSTOP)).start()
+    return result
+
+setattr(owner, path[-1], gated)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start_then_freeze(script_args, *, after: str, calls: int, delay: float, cwd=REPO, env=None) -> subprocess.Popen:
+    """Start `python *script_args` so that it stops itself (SIGSTOP) `delay` s after the `calls`-th call of `after`
+    ("module:attribute.path") returns. A kill then lands inside the run, at a seeded moment, however slow or loaded
+    the machine is: no polling race can let the run finish first. Pair with `kill_when_frozen`."""
+    module, attribute = after.split(":")
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-c", FREEZE_AFTER, module, attribute, str(calls), str(delay), *map(str, script_args)]
+    import tempfile
+
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the run before it ever froze
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log, stderr=log, text=True)
+    proc.log = log
+    return proc
+
+
+def kill_when_frozen(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `proc` (from start_then_freeze) has stopped itself, then SIGKILL it. A run that exits first (it
+    never made that many calls, or crashed) fails the test with its stderr."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    stat = Path(f"/proc/{proc.pid}/stat")
+    while proc.poll() is None:
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "T":  # the state field: stopped
+            break
+        assert time.monotonic() < deadline, f"{proc.args[5:]} neither froze nor ended within {timeout} s"
+        time.sleep(0.01)
+    else:
+        proc.log.seek(0)
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it froze:\n{proc.log.read()[-3000:]}")
+    proc.kill()
+    proc.wait()
+
+
 CHAT_STOP_IDS = (50256, 50257, 50258, 50259)  # <|endoftext|> and the role markers: the published stop tokens
 
 

@@ -5,20 +5,16 @@ prepare_data.py runs in this process (its `main`) except where a real process mu
 
 import hashlib
 import json
-import os
 import pickle
 import random
 import re
 import shutil
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, kill_when_frozen, run_script, start_then_freeze
 from gpt2custom.data import (
     HEADER_BYTES,
     MAGIC,
@@ -144,19 +140,13 @@ def test_sigkill_at_random_moments_then_rerun_gives_byte_identical_folder(corpus
     out = tmp_path / "killed"
     args = ["prepare_data.py", "--source", str(corpus[0] / "*.jsonl"), "--out_dir", str(out),
             "--num_proc", "1", "--engine", "hf", *PREPARE_ARGS]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(0)
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        # Leave shards to write: on an idle machine a shard takes ~20 ms, so a late kill could find the run done.
-        target = min(len(list(out.glob("*.bin"))) + rng.randint(1, 3), len(list(reference.glob("*.bin"))) - 6)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and len(list(out.glob("*.bin"))) < target and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.02))
-        proc.kill()
-        proc.wait()
+        # One or two new shards, then a random moment inside the next ones (a few ms a shard here): the run stops
+        # itself there, so however loaded the machine, the kill lands before the end (14 shards in all).
+        proc = start_then_freeze(args, after="gpt2custom.data:write_shard", calls=rng.randint(1, 2),
+                                 delay=rng.uniform(0, 0.004))
+        kill_when_frozen(proc, timeout=120)
         assert not (out / MANIFEST).exists(), "the run finished before it could be killed"
     finished = run_script(*args[:5], "--num_proc", "2", *PREPARE_ARGS)  # engine and processes may change on resume
     assert "resuming after" in finished.stdout

@@ -2,19 +2,14 @@
 (Two gloo ranks against one process, compile and world-size changes: tests/test_recipe.py.)"""
 
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_png, run_script, text_shards
+from conftest import REPO, assert_png, kill_when_frozen, run_script, start_then_freeze, text_shards
 
 pytestmark = pytest.mark.slow  # every test here runs pretrain.py on shards that prepare_data.py makes first
 
@@ -78,19 +73,11 @@ def test_loss_falls_on_real_text_and_final_folder_loads(straight_run):
 
 def test_resume_after_sigkill_is_bitwise_identical(shards, straight_run, tmp_path):
     killed = tmp_path / "killed"
-    kill_after = random.Random(14).randint(5, 14)  # seeded: a failure names the step it was killed at
-    cmd = [sys.executable, "pretrain.py", "--data_dir", str(shards), "--output_dir", str(killed), *TINY_RUN, *STEPS]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"kind": "train"') >= kill_after:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    rng = random.Random(14)  # seeded: a failure names the step it was killed after
+    kill_after, delay = rng.randint(5, 14), rng.uniform(0, 0.05)  # the delay lands the kill inside the next step
+    proc = start_then_freeze(["pretrain.py", "--data_dir", shards, "--output_dir", killed, *TINY_RUN, *STEPS],
+                             after="gpt2custom.runlog:RunLogger.step", calls=kill_after, delay=delay)
+    kill_when_frozen(proc)
     assert not (killed / "final").exists()
 
     proc = pretrain(shards, killed, *STEPS, "--resume", "true")

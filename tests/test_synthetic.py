@@ -2,9 +2,11 @@
 generator run as a process against it, directly or through a fault-injecting proxy (429 with Retry-After, 5xx,
 timeouts, bad bodies), SIGKILLed mid-run and resumed, with a fake HF token that must never leak."""
 
+import functools
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -58,9 +60,9 @@ def model_server(tiny_checkpoint, tmp_path_factory):
     with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
         proc = subprocess.Popen([sys.executable, "serve_openai.py", "--model", str(tiny_checkpoint), "--port", "0",
                                  "--served_model_name", "tiny"], cwd=REPO, env=env, stdout=out, stderr=err)
-    deadline = time.time() + 180
+    deadline = time.monotonic() + 600  # a hang guard: loading took 8 s alone, 55 s beside two busy processes
     while not (match := re.search(r"listening on (http://\S+)", (logs / "stdout").read_text())):
-        if proc.poll() is not None or time.time() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"server did not start:\n{(logs / 'stderr').read_text()[-3000:]}")
         time.sleep(0.1)
@@ -70,18 +72,46 @@ def model_server(tiny_checkpoint, tmp_path_factory):
 
 
 FAULT_KINDS = ["429", "500", "timeout", "bad_json", "429", "no_finish_reason", "timeout", "503"]
+HANG_GUARD = 120.0  # seconds; only a hung process or thread ever waits this long
+
+
+def answer_request(prompt: str) -> dict:
+    """The exact body generate_synthetic.py (run with FAST) sends for `prompt`, as huggingface_hub builds it."""
+    from generate_synthetic import SyntheticOptions
+
+    o = SyntheticOptions(max_tokens=8)
+    return {"model": o.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": o.max_tokens,
+            "seed": o.seed, "temperature": o.temperature, "top_p": o.top_p, "stream": False}
+
+
+@functools.cache
+def model_answer(upstream: str, prompt: str) -> bytes:
+    """The model server's answer (the raw body) to that request, sent with the token as the client would send it."""
+    request = urllib.request.Request(upstream + "/chat/completions", data=json.dumps(answer_request(prompt)).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"})
+    with urllib.request.urlopen(request, timeout=HANG_GUARD) as response:
+        return response.read()
 
 
 class FaultyProxy:
     """A real HTTP server in front of the model server. Requests number 2, 5, 8 of every 10 fail (30 %), cycling
     through FAULT_KINDS; a prompt containing POISON always gets a 500 whose body echoes the Authorization header.
-    It logs (time, prompt, kind) per request and counts the answers it delivered (what a provider bills)."""
+    It logs (time, prompt, kind) per request and counts the answers it delivered (what a provider bills).
 
-    def __init__(self, upstream: str, client_timeout: float, inject: bool = True, delay: float = 0.0):
-        self.upstream, self.client_timeout, self.inject, self.delay = upstream, client_timeout, inject, delay
+    The model server's answer to every prompt is fetched before the client starts (the very request the client
+    will send, with the same bearer token), and served at once: how fast the model runs on a busy machine cannot
+    make a real answer race the client's timeout. Only an injected "timeout" times out: it holds the connection,
+    answering nothing, until the client gives up and closes it.
+
+    With `hold_after=N` (the gate), the first N requests are answered and later ones are held, unanswered, until
+    `gate` is set; then they are closed without an answer (kind "held") and later requests are answered again."""
+
+    def __init__(self, upstream: str, prompts: list[str], inject: bool = True, hold_after: int | None = None):
+        self.inject, self.hold_after, self.gate = inject, hold_after, threading.Event()
+        self.answers = {prompt: model_answer(upstream, prompt) for prompt in prompts}
         self.lock = threading.Lock()
-        self.requests = self.faults = self.delivered = 0
-        self.events, self.auth_headers = [], set()
+        self.requests = self.faults = self.answered = self.delivered = 0
+        self.events, self.auth_headers, self.problems = [], set(), []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -97,8 +127,20 @@ class FaultyProxy:
                 if self.inject and self.requests % 10 in (2, 5, 8):
                     kind = FAULT_KINDS[self.faults % len(FAULT_KINDS)]
                     self.faults += 1
+                elif self.hold_after is not None and self.answered >= self.hold_after and not self.gate.is_set():
+                    kind = "held"
+                else:
+                    self.answered += 1
             self.events.append((time.monotonic(), prompt, kind))
             return kind
+
+    def kinds(self) -> Counter:
+        with self.lock:
+            return Counter(kind for _, _, kind in self.events)
+
+    def problem(self, text: str):
+        with self.lock:
+            self.problems.append(text)
 
     def handler(proxy):  # noqa: N805 - the handler class closes over the proxy
         class Handler(BaseHTTPRequestHandler):
@@ -111,38 +153,55 @@ class FaultyProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def wait_for_disconnect(self) -> bool:
+                """Block until the client closes this connection (EOF or reset); False after HANG_GUARD."""
+                deadline = time.monotonic() + HANG_GUARD
+                while (left := deadline - time.monotonic()) > 0:
+                    if select.select([self.connection], [], [], left)[0]:
+                        try:
+                            if not self.connection.recv(4096):
+                                return True
+                        except OSError:  # reset by the client: gone too
+                            return True
+                return False
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 auth = self.headers.get("Authorization", "")
                 with proxy.lock:
                     proxy.auth_headers.add(auth)
-                kind = proxy.decide(json.loads(body)["messages"][-1]["content"])
+                prompt = json.loads(body)["messages"][-1]["content"]
+                kind = proxy.decide(prompt)
                 try:
                     if kind == "poison":
                         return self.reply(500, json.dumps({"error": f"upstream refused credentials {auth}"}).encode())
+                    if prompt not in proxy.answers or json.loads(body) != answer_request(prompt):
+                        proxy.problem(f"a request no answer was fetched for: {body[:300]!r}")
+                        return self.reply(400, b'{"error": "the test proxy has no answer for this request"}')
                     if kind == "429":
                         return self.reply(429, b'{"error": "rate limited"}', [("Retry-After", "1")])
                     if kind in ("500", "503"):
                         return self.reply(int(kind), b'{"error": "overloaded"}')
                     if kind == "timeout":
-                        time.sleep(proxy.client_timeout + 0.5)
-                        return  # the client gave up already; close without an answer
+                        if not self.wait_for_disconnect():
+                            proxy.problem(f"the client never gave up on a request held for {HANG_GUARD} s")
+                        return  # the client gave up; close without an answer
+                    if kind == "held":
+                        if not proxy.gate.wait(HANG_GUARD):
+                            proxy.problem(f"the gate stayed shut for {HANG_GUARD} s")
+                        return  # the client that sent it was killed meanwhile
                     if kind == "bad_json":
                         return self.reply(200, b'{"choices": [{"index": 0, "message": {"role": "assis')
-                    request = urllib.request.Request(proxy.upstream + "/chat/completions", data=body,
-                                                     headers={"Content-Type": "application/json", "Authorization": auth})
-                    with urllib.request.urlopen(request, timeout=60) as response:
-                        answer = response.read()
+                    answer = proxy.answers[prompt]
                     if kind == "no_finish_reason":  # like a stream cut before its last event
                         data = json.loads(answer)
                         data["choices"][0]["finish_reason"] = None
                         return self.reply(200, json.dumps(data).encode())
-                    time.sleep(proxy.delay)
                     self.reply(200, answer)
                     with proxy.lock:
                         proxy.delivered += 1
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client was killed or timed out
+                    pass  # the client was killed
 
             def log_message(self, format, *args):
                 pass
@@ -150,6 +209,7 @@ class FaultyProxy:
         return Handler
 
     def close(self):
+        self.gate.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -282,68 +342,89 @@ def test_dataset_and_card_built_from_the_generated_jsonl(topics_run):
 
 @pytest.mark.slow
 def test_with_30_percent_faults_every_prompt_finishes_exactly_once(model_server, tmp_path):
-    # 4 s: several times what 4 queued requests take on a busy 2-core machine, so only injected timeouts time out
-    # (a real request timing out would be answered and paid for, and the count below would be off by one).
-    proxy = FaultyProxy(model_server["url"], client_timeout=4.0)
+    prompts = [*PROMPTS, "POISON: this one always fails"]
+    proxy = FaultyProxy(model_server["url"], PROMPTS)  # the model's answers, fetched before the client starts
     try:
-        prompts = write_prompts(tmp_path / "prompts.txt", [*PROMPTS, "POISON: this one always fails"])
-        proc = generate(proxy.url, tmp_path / "data.jsonl", "--prompts", prompts, "--concurrency", "4",
-                        "--timeout", "4", "--max_attempts", "8")
+        # --timeout 5: real answers come from memory at once, so only the injected "timeout"s time out (a real
+        # answer timing out would be paid and asked again). Each of those costs 5 s: the proxy holds the request
+        # until the client's own timeout closes it, whatever that timeout is.
+        prompts_file = write_prompts(tmp_path / "prompts.txt", prompts)
+        proc = generate(proxy.url, tmp_path / "data.jsonl", "--prompts", prompts_file, "--concurrency", "4",
+                        "--timeout", "5", "--max_attempts", "8")
     finally:
         proxy.close()
+    assert proxy.problems == []
     files = OutputFiles.for_output(tmp_path / "data.jsonl")
     rows = read_rows(files.answers)
     assert sorted(r["messages"][0]["content"] for r in rows) == sorted(PROMPTS)  # each once, none lost
+    assert all(json.loads(proxy.answers[r["messages"][0]["content"]])["choices"][0]["message"]["content"]
+               == r["messages"][1]["content"] for r in rows)  # the model's answer, kept as it came
     assert proxy.delivered == len(rows)  # every answer the "provider" delivered was kept: none paid twice
-    kinds = [kind for _, _, kind in proxy.events if kind != "poison"]
-    assert set(FAULT_KINDS) <= set(kinds) and sum(k != "ok" for k in kinds) / len(kinds) >= 0.25
+    # Every request is a fault or the one answer that finishes its prompt, and the proxy's cycle fixes which: the
+    # 20 answers need 29 requests, 9 of them faults (requests 2, 5, 8, 12, ... 28), every kind at least once.
+    kinds = proxy.kinds()
+    assert kinds["ok"] == len(PROMPTS) and kinds.total() - kinds["poison"] == 29
+    assert set(FAULT_KINDS) <= set(kinds) and kinds["timeout"] == 2 and kinds["429"] == 3
 
     (failed,) = read_rows(files.failed)  # bounded retries, then recorded; the run went on
-    assert failed["messages"][-1]["content"].startswith("POISON") and failed["attempts"] == 8
+    assert failed["messages"][-1]["content"].startswith("POISON") and failed["attempts"] == 8 == kinds["poison"]
     assert "HTTP 500" in failed["error"] and "***" in failed["error"]  # the echoed token, redacted
     assert "1 failed" in proc.stdout and "rerun" in proc.stdout
 
-    for t, prompt, kind in proxy.events:  # Retry-After: 1 was honoured
+    # Retry-After: 1 was honoured. A lower bound on time, so a slow machine cannot break it (it only waits longer):
+    # the proxy logs the 429 before replying, and the client may send the retry only a second after reading it.
+    for t, prompt, kind in proxy.events:
         if kind == "429":
             retry = next(t2 for t2, p2, _ in proxy.events if p2 == prompt and t2 > t)
-            assert retry - t >= 0.95
+            assert retry - t >= 0.99  # (1 s, less a timer's rounding)
     assert f"Bearer {SECRET}" in proxy.auth_headers  # the token was really in play...
     assert_secret_absent(proc.stdout, proc.stderr, folders=(tmp_path, model_server["logs"]))  # ...and never leaked
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_no_duplicate_no_loss_no_corrupt_line(model_server, tmp_path):
-    proxy = FaultyProxy(model_server["url"], client_timeout=30.0, inject=False, delay=0.3)
+    # The gate: the proxy answers 4 requests, then holds the next ones unanswered until the generator is killed.
+    # So the kill lands mid-run, after exactly 4 rows, with both --concurrency slots in flight, however slow the box.
+    proxy = FaultyProxy(model_server["url"], PROMPTS[:12], inject=False, hold_after=4)
     output = tmp_path / "data.jsonl"
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS[:12])
     args = [sys.executable, "generate_synthetic.py", "--base_url", proxy.url, "--output", str(output), *FAST,
             "--prompts", str(prompts), "--concurrency", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
     try:
         with open(tmp_path / "killed.log", "w") as log:
             victim = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=log)
-            deadline = time.time() + 60
-            while not output.exists() or output.read_bytes().count(b"\n") < 4:
-                assert victim.poll() is None and time.time() < deadline, "generator ended before it could be killed"
-                time.sleep(0.02)
+            deadline = time.monotonic() + HANG_GUARD
+            while not (output.exists() and output.read_bytes().count(b"\n") >= 4 and proxy.kinds()["held"] >= 2):
+                log_tail = (tmp_path / "killed.log").read_text()[-3000:]
+                assert victim.poll() is None, f"the generator ended behind a shut gate:\n{log_tail}"
+                assert time.monotonic() < deadline, f"not 4 rows and 2 held requests in {HANG_GUARD} s: {proxy.kinds()}"
+                time.sleep(0.05)
             victim.send_signal(signal.SIGKILL)
             victim.wait()
-        before = output.read_bytes()
-        written = before[: before.rfind(b"\n") + 1]
-        done_before = written.count(b"\n")
-        assert 4 <= done_before < 12
+        first_run = proxy.kinds()  # final: the process is dead
+        proxy.gate.set()
+        written = output.read_bytes()
+        # 4 answers got through the gate, each written whole; 2 requests (--concurrency) were in flight at the kill.
+        assert written.count(b"\n") == 4 and written.endswith(b"\n") and first_run == {"ok": 4, "held": 2}
+        done_before = {json.loads(line)["messages"][0]["content"] for line in written.splitlines()}
         with open(output, "ab") as f:  # as if killed in the middle of a write
             f.write(b'{"messages": [{"role": "user", "content": "Question 1')
-        proxy.delay = 0.0
         resumed = generate(proxy.url, output, "--prompts", prompts, "--concurrency", "2")
     finally:
         proxy.close()
+    assert proxy.problems == []
     after = output.read_bytes()
     assert after.startswith(written)  # rows written before the kill are untouched
     rows = [json.loads(line) for line in after.splitlines()]  # every line parses
     assert sorted(r["messages"][0]["content"] for r in rows) == sorted(PROMPTS[:12])  # no duplicate, none lost
-    assert f"{done_before} done before" in resumed.stdout and "1 torn" in resumed.stderr
-    assert proxy.delivered - len(rows) <= 2  # only answers in flight at the kill were paid twice
+    assert "4 done before" in resumed.stdout and "1 torn" in resumed.stderr
+    # The resumed run asked each missing prompt once and nothing already written: only the 2 requests in flight at
+    # the kill were sent twice (a provider would bill them twice; this proxy never answered them).
+    held = [p for _, p, kind in proxy.events if kind == "held"]
+    asked_again = [p for _, p, kind in proxy.events[6:]]
+    assert sorted(asked_again) == sorted(set(PROMPTS[:12]) - done_before) and set(held) <= set(asked_again)
+    assert proxy.kinds() == {"ok": 12, "held": 2} and proxy.delivered == len(rows) == 12
     assert_secret_absent(resumed.stdout, resumed.stderr, folders=(tmp_path,))
 
 
@@ -402,8 +483,12 @@ def test_retry_classification_and_retry_after_header():
             is_retryable(http_error(status))
     assert is_retryable(httpx2.ConnectError("refused")) and is_retryable(json.JSONDecodeError("x", "{", 1))
     assert retry_after_seconds(http_error(429, {"Retry-After": "3"})) == 3.0
-    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= retry_after_seconds(http_error(503, {"Retry-After": date})) <= 31
+    # An HTTP date is wall-clock time to the second: 30 s ahead, then cut to the second (up to 1 s less), less
+    # however long this took (measured, so that a stalled machine cannot fail it).
+    start = time.time()
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(start + 30))
+    seconds = retry_after_seconds(http_error(503, {"Retry-After": date}))
+    assert 29 - (time.time() - start) <= seconds <= 30
     assert retry_after_seconds(http_error(500)) is None
 
 
