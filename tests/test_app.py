@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import pytest
 
 import app
 from app import ChatError, EndpointBackend, LocalBackend, build_messages
-from conftest import CHAT_STOP_IDS, REPO, chat_prompt_ids, free_port, greedy_reference, make_tiny_model, serve_json
+from conftest import CHAT_STOP_IDS, REPO, chat_prompt_ids, greedy_reference, make_tiny_model, serve_json
 from gpt2custom.checkpoints import load_model, save_model_folder
 from gpt2custom.hub import build_upload_folder
 
@@ -115,7 +116,6 @@ def test_app_needs_exactly_one_of_model_or_endpoint(argv, monkeypatch):
 def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpoint, tmp_path, folder, tokenizer):
     from gradio_client import Client
 
-    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -123,27 +123,28 @@ def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpo
         "HF_HUB_OFFLINE": "0",
         "HF_HOME": str(tmp_path / "hf_home"),
         "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",  # the URL line reaches the log at once
     }
     args = [
         "--endpoint_url",
         endpoint.url,
         "--host",
         "127.0.0.1",
-        "--port",
-        str(port),
         "--system_prompt",
         "You are terse.",
     ]
     with open(tmp_path / "app.log", "w") as log:
         demo = subprocess.Popen([sys.executable, REPO / "app.py", *args], cwd=tmp_path, env=env, stdout=log, stderr=log)
     try:
+        # No --port: gradio takes a free one itself and prints its URL (what a user on their laptop reads too).
         client, deadline = None, time.monotonic() + 120
         while client is None:
-            assert demo.poll() is None, f"app.py exited:\n{(tmp_path / 'app.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "app.py did not start serving within 120 s"
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:  # not listening yet
+            log = (tmp_path / "app.log").read_text()
+            assert demo.poll() is None, f"app.py exited:\n{log[-3000:]}"
+            assert time.monotonic() < deadline, f"app.py did not start serving within 120 s:\n{log[-3000:]}"
+            if url := re.search(r"Running on local URL:\s+(http://\S+)", log):
+                client = Client(url.group(1), verbose=False)
+            else:
                 time.sleep(0.5)
         before = len(endpoint.requests)
         reply = client.predict("Say hello.", "You are terse.", 10, 0.0, 0.95, api_name="/chat")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, text_shards
+from conftest import REPO, text_shards
 from gpt2custom.distributed import run_with_deadline
 from gpt2custom.plots import read_metrics
 
@@ -53,7 +53,7 @@ def launch(data, out, *extra, fsdp: bool):
     how = (["--config_file", "accelerate_configs/fsdp2_cpu_2proc.yaml"] if fsdp else
            ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no"])  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", str(free_port()),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", "0",
            "pretrain.py", "--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl",
            "--output_dir", out, *ARGS, *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import assert_png, free_port, make_tiny_model, run_script, serve_directory, write_jsonl
+from conftest import assert_png, make_tiny_model, run_script, serve_directory, write_jsonl
 from gpt2custom.checkpoints import export_gpt2, load_model
 from gpt2custom.hellaswag import evaluate_hellaswag, load_hellaswag, read_examples, score_endings
 
@@ -239,7 +239,7 @@ def test_two_gloo_ranks_write_the_results_of_one_process(tmp_path, tiny_checkpoi
     text = tmp_path / "text.txt"
     text.write_text(real_text[:3000])
     proc = run_script(
-        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", 0,
         "eval_hellaswag.py", "--models", tiny_checkpoint, "--hellaswag_path", fixture_file, "--limit", "19",
         "--batch_size", "4", "--perplexity", text, "--stride", "100", "--cpu", "true", "--out_dir", tmp_path,
         env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, free_port, run_script, text_shards
+from conftest import REPO, run_script, text_shards
 from gpt2custom.plots import read_metrics
 
 # --------------------------------------------------------------------------- init
@@ -358,7 +358,7 @@ def test_compiled_run_resumes_without_compile(recipe_data, compiled_run, eager_r
 def test_two_eager_ranks_then_one_compiled_process_continue_the_same_run(recipe_data, eager_run, tmp_path):
     """A change of world size (same total batch) and of compile flag (eager -> compiled) in one resume."""
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+              "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     two = tmp_path / "two"
     run_script(*launch, "pretrain.py", "--data_dir", recipe_data / "shards", "--hellaswag_path",
                recipe_data / "hellaswag.jsonl", "--init_from", recipe_data / "init", "--output_dir", two, *RECIPE,

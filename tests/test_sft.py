@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-from conftest import (REPO, assert_remote_code_class, free_port, make_tiny_model, run_in_clean_process,
+from conftest import (REPO, assert_remote_code_class, make_tiny_model, run_in_clean_process,
                       write_jsonl)
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
 from gpt2custom.checkpoints import save_model_folder
@@ -307,7 +307,7 @@ def sft_run(tiny_checkpoint, chat_jsonl, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "out"
     probe = out.parent / "sft_exit_probe.py"
     probe.write_text(EXIT_PROBE)
-    launch = f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --main_process_port {free_port()} {probe}"
+    launch = f"-m accelerate.commands.launch --multi_gpu --num_processes 2 --main_process_port 0 {probe}"
     cmd = [sys.executable, *launch.split(), *sft_args(tiny_checkpoint, chat_jsonl, out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONFAULTHANDLER": "1"}  # a rank that gets SIGABRT prints its Python stacks
