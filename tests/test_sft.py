@@ -341,15 +341,16 @@ def test_a_launch_past_its_deadline_fails_fast_with_the_stuck_process_stack(monk
     assert "sent SIGABRT to [" in hung.value.stderr
 
 
-def assistant_loss(model, tokenizer, conversations) -> float:
-    """Mean cross-entropy on the labelled (assistant) tokens, computed here from expected_tokens."""
+def token_loss(model, tokenizer, conversations, part="assistant") -> float:
+    """Mean cross-entropy, computed here from expected_tokens: on the assistant tokens (the labelled ones), or with
+    part="other" on the rest, which assistant_only_loss leaves out of training (role markers aside)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for messages in conversations:
             ids, labels = expected_tokens(tokenizer, messages)
             logits = model(torch.tensor([ids])).logits[0, :-1]
-            targets = torch.tensor(labels[1:])
-            keep = targets != -100
+            targets, labelled = torch.tensor(ids[1:]), torch.tensor(labels[1:]) != -100
+            keep = labelled if part == "assistant" else ~labelled & (targets < 50257)
             total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
             count += int(keep.sum())
     return total / count
@@ -397,20 +398,6 @@ def test_two_gloo_ranks_train_the_weights_of_one_process_with_accumulation(sft_r
     assert eval_two == pytest.approx(eval_one, rel=1e-5)
 
 
-def user_loss(model, tokenizer, conversations) -> float:
-    """Mean cross-entropy on the user turns' text, the tokens assistant_only_loss leaves out of training."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for messages in conversations:
-            ids, labels = expected_tokens(tokenizer, messages)
-            logits = model(torch.tensor([ids])).logits[0, :-1]
-            targets = torch.tensor(ids[1:])
-            keep = (torch.tensor(labels[1:]) == -100) & (targets < 50257)  # role markers aside
-            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
-            count += int(keep.sum())
-    return total / count
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_fine_tune_and_save_a_model_folder(sft_run, tiny_checkpoint):
     out, log = sft_run
@@ -450,10 +437,10 @@ def test_loss_on_assistant_tokens_falls(sft_run, tiny_checkpoint):
     out, _ = sft_run
     tokenizer = load_chat_tokenizer(str(out))
     conversations = [hello(name, two_turns=True) for name in NAMES[:6]]
-    before = assistant_loss(
+    before = token_loss(
         AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True), tokenizer, conversations
     )
-    after = assistant_loss(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True), tokenizer, conversations)
+    after = token_loss(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True), tokenizer, conversations)
     assert after < 0.3 and after < before / 10, (before, after)
     losses = [
         log["loss"] for log in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in log
@@ -587,7 +574,7 @@ def test_trl_sft_cli_fine_tunes_our_checkpoint(chat_jsonl, tmp_path):
     tokenizer = load_chat_tokenizer(str(base))
     conversations = [hello(name, two_turns=True) for name in NAMES[:6]]
     untrained = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True)
-    before, after = assistant_loss(untrained, tokenizer, conversations), assistant_loss(tuned, tokenizer, conversations)
+    before, after = token_loss(untrained, tokenizer, conversations), token_loss(tuned, tokenizer, conversations)
     assert after < before / 4, (before, after)  # measured: 13.3 -> 0.30
-    before_user, after_user = (user_loss(m, tokenizer, conversations) for m in (untrained, tuned))
+    before_user, after_user = (token_loss(m, tokenizer, conversations, "other") for m in (untrained, tuned))
     assert after_user > 0.8 * before_user, (before_user, after_user)  # measured: 12.9 -> 12.6; trained on: 1.9
