@@ -278,13 +278,27 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return ids + [role_id["assistant"], *tokenizer("\n")["input_ids"]]
 
 
-def assert_png(path, min_width=300, min_height=200):
-    """A decodable PNG of at least this size with something drawn on it (not one flat colour)."""
+# matplotlib's default colour cycle (tab10), grey aside: data series are drawn in these; axes, text, grids and the
+# baselines our plots draw are black or grey.
+SERIES_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+
+
+def assert_png(path, min_width=300, min_height=200, series=1, min_pixels=300):
+    """A decodable PNG of at least this size with `series` data series drawn on it: that many of matplotlib's cycle
+    colours each cover `min_pixels` pixels. A legend's sample line covers ~80 (measured), a 16-point loss curve
+    ~1,400: axes, title and legend without the data fail."""
     import matplotlib.image
+    import numpy as np
 
     pixels = matplotlib.image.imread(str(path))
     assert pixels.shape[0] >= min_height and pixels.shape[1] >= min_width, (path, pixels.shape)
-    assert pixels[..., :3].std() > 0.01, f"{path} is blank"
+    rgb = pixels[..., :3]
+    covered = {}
+    for colour in SERIES_COLOURS:
+        target = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        covered[colour] = int((np.linalg.norm(rgb - target, axis=-1) < 0.1).sum())
+    drawn = [colour for colour, count in covered.items() if count >= min_pixels]
+    assert len(drawn) >= series, f"{path}: {len(drawn)} data series drawn, expected {series} (pixels per colour: {covered})"
 
 
 def free_port() -> int:

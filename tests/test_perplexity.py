@@ -127,5 +127,5 @@ def test_comparison_outputs(tmp_path):
     write_json(tmp_path / "r.json", {"results": results})
     assert json.loads((tmp_path / "r.json").read_text()) == {"results": results}
     plot_comparison(results, tmp_path / "r.png")
-    assert_png(tmp_path / "r.png")
+    assert_png(tmp_path / "r.png", series=2)  # one bar colour per model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]  # no temporary files left
