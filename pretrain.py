@@ -276,12 +276,12 @@ class Pretrainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss and HellaSwag on the raw model, under the same autocast as training whether or not the
-        training forward is compiled."""
+        """Validation loss and HellaSwag, each when its interval is due, on the raw model, under the same autocast as
+        training whether or not the training forward is compiled."""
         args, acc, model = self.args, self.accelerator, self.model
         model.eval()
         row = {"kind": "eval", "step": self.progress.step}
-        if self.validate:
+        if self.validate and self.due(args.eval_interval):
             batches = iter_eval_batches(args.data_dir, "val", args.micro_batch_size, args.block_size,
                                         rank=acc.process_index, world_size=acc.num_processes,
                                         max_batches=args.eval_batches or None)  # fmt: skip
