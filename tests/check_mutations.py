@@ -339,7 +339,7 @@ MUTATIONS = [
         "fsdp-hellaswag-head-outside-forward", "gpt2custom/hellaswag.py",
         "    plain_head = model.config.model_type in PLAIN_HEAD_MODEL_TYPES and not is_fsdp_module(model)",
         "    plain_head = model.config.model_type in PLAIN_HEAD_MODEL_TYPES",
-        (f"{F}::test_fsdp_trains_and_evaluates_as_ddp_does",),
+        (f"{F}::test_fsdp_trains_and_evaluates_as_one_process_does",),
         "HellaSwag calls a sharded model's base_model and lm_head directly, outside the root FSDP forward",
     ),
     Mutation(

@@ -354,8 +354,8 @@ def real_text() -> str:
 
 
 # The longest files first (measured): with `--dist loadfile` the two workers then finish close together.
-LONGEST_FIRST = ["test_pipeline.py", "test_recipe.py", "test_fsdp.py", "test_multinode.py", "test_sft.py",
-                 "test_pretrain.py", "test_hellaswag.py", "test_synthetic.py", "test_train_step.py", "test_data.py"]
+LONGEST_FIRST = ["test_pipeline.py", "test_recipe.py", "test_sft.py", "test_fsdp.py", "test_pretrain.py",
+                 "test_multinode.py", "test_hellaswag.py", "test_synthetic.py", "test_data.py", "test_train_step.py"]
 
 
 def pytest_collection_modifyitems(items):

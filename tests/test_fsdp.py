@@ -1,10 +1,12 @@
 """FSDP2 for real, on 2 CPU (gloo) ranks: pretrain.py launched with accelerate_configs/fsdp2_cpu_2proc.yaml against
-the same launch as plain data parallel (DDP), checked with what torch itself wrote: the checkpoint's
+the same run in one process without any distribution, checked with what torch itself wrote: the checkpoint's
 torch.distributed.checkpoint metadata (which rank stored which rows) and torch's own gather of it into one state dict.
 
-Three launches in all (DDP, FSDP, FSDP resumed), each bounded by a deadline that dumps the ranks' stacks on a hang.
+Two launches (FSDP, FSDP resumed), each bounded by a deadline that dumps the ranks' stacks on a hang.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -52,32 +54,44 @@ def data(tmp_path_factory, real_text):
     return root
 
 
-def launch(data, out, *extra, fsdp: bool):
-    """pretrain.py on 2 ranks: accelerate's FSDP config for CPUs, or the same launch as plain data parallel."""
-    how = (["--config_file", "accelerate_configs/fsdp2_cpu_2proc.yaml"] if fsdp else
-           ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"])  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", "0",
-           "pretrain.py", "--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl",
-           "--output_dir", out, *ARGS, *extra]  # fmt: skip
+def launch(data, out, *extra):
+    """pretrain.py on 2 ranks with accelerate's FSDP config for CPUs."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp2_cpu_2proc.yaml",
+           "--main_process_port", "0", "pretrain.py", "--data_dir", data / "shards", "--hellaswag_path",
+           data / "hellaswag.jsonl", "--output_dir", out, *ARGS, *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    if not fsdp:
-        env["ACCELERATE_USE_CPU"] = "1"  # the FSDP config says use_cpu itself
     proc = run_with_deadline(list(map(str, cmd)), DEADLINE, cwd=REPO, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def ddp_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    return out, launch(data, out, fsdp=False)
+def one_process_run(data, tmp_path_factory):
+    """The same run with no distribution at all, in this process (pretrain.py's own main; accumulating the 4
+    micro-batches the two ranks take per step): the reference sharding must reproduce. Two DDP ranks were shown
+    equal to one process in tests/test_recipe.py."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import pretrain
+
+    out = tmp_path_factory.mktemp("one")
+    argv = ["--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl", "--output_dir", out, *ARGS]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            pretrain.main([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    return out, launch(data, out, fsdp=True)
+    return out, launch(data, out)
 
 
 def rows(out, kind):
@@ -85,19 +99,20 @@ def rows(out, kind):
     return [row for row in read_metrics(out / "metrics.jsonl") if row["kind"] == kind]
 
 
-def test_fsdp_trains_and_evaluates_as_ddp_does(fsdp_run, ddp_run):
-    (fsdp, _), (ddp, _) = fsdp_run, ddp_run
-    a, b = rows(fsdp, "train"), rows(ddp, "train")
+def test_fsdp_trains_and_evaluates_as_one_process_does(fsdp_run, one_process_run):
+    (fsdp, _), (one, _) = fsdp_run, one_process_run
+    a, b = rows(fsdp, "train"), rows(one, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     # Not bitwise: the gradient norm for clipping is summed per shard, then across ranks, so the clip factor differs
-    # in its last bits (without clipping the two runs' losses were measured bitwise equal); 7.6e-6 measured here.
+    # in its last bits; 7e-6 measured here (against DDP before: 7.6e-6).
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-5
-    ea, eb = rows(fsdp, "eval"), rows(ddp, "eval")
+    ea, eb = rows(fsdp, "eval"), rows(one, "eval")
     assert [r["step"] for r in ea] == [r["step"] for r in eb] == sorted(set(VAL_STEPS + HELLASWAG_STEPS))
     for x, y in zip(ea, eb):
         assert ("val_loss" in x, "val_loss" in y) == (x["step"] in VAL_STEPS,) * 2
-        assert x.get("val_loss") == pytest.approx(y.get("val_loss"), abs=1e-5)
-        # DDP scores through base_model + lm_head on the scored rows; FSDP through the whole sharded model
+        # each rank takes whole windows of its half of the val tokens: a few at the seams go (1.6e-3 measured)
+        assert x.get("val_loss") == pytest.approx(y.get("val_loss"), abs=3e-3)
+        # one process scores through base_model + lm_head on the scored rows; FSDP through the whole sharded model
         assert (x.get("hellaswag_acc"), x.get("hellaswag_acc_norm")) == (y.get("hellaswag_acc"), y.get("hellaswag_acc_norm"))
 
 
@@ -135,11 +150,11 @@ def test_samples_and_hellaswag_run_on_both_ranks(fsdp_run):
     assert summary["steps"] == STEPS and summary["hellaswag_acc_norm"] == evals[-1]["hellaswag_acc_norm"]
 
 
-def test_final_folder_is_gathered_and_loads_with_automodel(fsdp_run, ddp_run, tmp_path):
+def test_final_folder_is_gathered_and_loads_with_automodel(fsdp_run, one_process_run, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
-    (out, _), (ddp, _) = fsdp_run, ddp_run
+    (out, _), (one, _) = fsdp_run, one_process_run
     final = out / "final"
     config = json.loads((final / "config.json").read_text())
     assert config["architectures"] == ["GPT2CustomForCausalLM"]  # not fully_shard's FSDPGPT2CustomForCausalLM
@@ -158,10 +173,10 @@ def test_final_folder_is_gathered_and_loads_with_automodel(fsdp_run, ddp_run, tm
         assert torch.equal(value, gathered[name]), name
     for name, value in model.state_dict().items():
         assert torch.equal(value, gathered[name]), name
-    # and close to what DDP trained (fp32, the same 10 steps)
-    ddp_weights = load_file(ddp / "final" / "model.safetensors")
-    assert set(ddp_weights) == set(saved)
-    assert max((saved[k] - ddp_weights[k]).abs().max().item() for k in saved) < 1e-3
+    # and close to what one process trained (fp32, the same 10 steps)
+    one_weights = load_file(one / "final" / "model.safetensors")
+    assert set(one_weights) == set(saved)
+    assert max((saved[k] - one_weights[k]).abs().max().item() for k in saved) < 1e-3
 
 
 def test_fsdp_resume_is_exact_and_a_truncated_shard_is_skipped(fsdp_run, data, tmp_path):
@@ -173,7 +188,7 @@ def test_fsdp_resume_is_exact_and_a_truncated_shard_is_skipped(fsdp_run, data, t
     shard.write_bytes(shard.read_bytes()[:-100])
     shutil.rmtree(out / "final")
     (out / "run_summary.json").unlink()
-    log = launch(data, out, "--resume", "true", fsdp=True)
+    log = launch(data, out, "--resume", "true")
     assert "pytorch_model_fsdp_0/__1_0.distcp has" in log and "skipping it" in log
     assert re.search(r"resumed from \S*step_000005 at step 5", log)
     assert [r["loss"] for r in rows(out, "train")] == [r["loss"] for r in rows(done, "train")]

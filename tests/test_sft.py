@@ -553,7 +553,7 @@ def test_trl_sft_cli_fine_tunes_our_checkpoint(chat_jsonl, tmp_path):
     trl = shutil.which("trl") or pytest.fail("the trl CLI (installed with the trl package) is not on PATH")
     command = (
         f"sft --config {config} --model_name_or_path {base} --output_dir {tmp_path / 'out'} --trust_remote_code true "
-        "--use_cpu true --bf16 false --max_steps 8 --per_device_train_batch_size 2 --max_length 128 "
+        "--use_cpu true --bf16 false --max_steps 6 --per_device_train_batch_size 2 --max_length 128 "
         "--learning_rate 1e-2 --assistant_only_loss true --activation_checkpointing false --report_to none "
         "--save_strategy no --seed 0"
     )
@@ -575,6 +575,6 @@ def test_trl_sft_cli_fine_tunes_our_checkpoint(chat_jsonl, tmp_path):
     conversations = [hello(name, two_turns=True) for name in NAMES[:6]]
     untrained = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True)
     before, after = token_loss(untrained, tokenizer, conversations), token_loss(tuned, tokenizer, conversations)
-    assert after < before / 4, (before, after)  # measured: 13.3 -> 0.30
+    assert after < before / 4, (before, after)  # measured: 13.3 -> 0.96
     before_user, after_user = (token_loss(m, tokenizer, conversations, "other") for m in (untrained, tuned))
-    assert after_user > 0.8 * before_user, (before_user, after_user)  # measured: 12.9 -> 12.6; trained on: 1.9
+    assert after_user > 0.8 * before_user, (before_user, after_user)  # measured: 12.9 -> 12.6; trained on: 2.8

@@ -68,8 +68,11 @@ def train(model, batches, accelerator, *, steps, compile=None, grad_accum=1, **o
 @pytest.mark.parametrize(
     "backend",
     [
-        # Dynamo capture + AOTAutograd's joint graph and partition, run by eager kernels: seconds.
-        "aot_eager",
+        # aot_eager (Dynamo capture + AOTAutograd, eager kernels) runs in CI through pretrain.py itself:
+        # tests/test_recipe.py::test_compiled_pretraining_equals_a_plain_nanogpt_reference (stronger: an independent
+        # reference, not our eager step). Here: `GPT2CUSTOM_TEST_INDUCTOR=1 pytest tests/test_train_step.py -k aot_eager`.
+        pytest.param("aot_eager", marks=[pytest.mark.slow, pytest.mark.skipif(
+            os.environ.get("GPT2CUSTOM_TEST_INDUCTOR") != "1", reason="in CI through tests/test_recipe.py")]),
         # The default backend: C++ kernels generated and built by TorchInductor. On our shared 2-core box the first
         # build took ~130 s (FX graph cache cold), ~20 s with the cache in /tmp/torchinductor_$USER warm.
         # Opt-in (GPT2CUSTOM_TEST_INDUCTOR=1): a cold build alone would take half of the suite's 5-minute budget.
