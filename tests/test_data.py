@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, kill_when_frozen, run_script, start_then_freeze
+from conftest import kill_when_frozen, run_script, start_then_freeze
 from gpt2custom.data import (
     HEADER_BYTES,
     MAGIC,

@@ -4,8 +4,8 @@ tests that exist. The mutations themselves run outside CI (~16 min): `python tes
 import shlex
 
 import pytest
-
 from check_mutations import MUTATIONS, problems
+
 from conftest import REPO
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_png, kill_when_frozen, run_script, start_then_freeze, text_shards
+from conftest import assert_png, kill_when_frozen, run_script, start_then_freeze, text_shards
 
 pytestmark = pytest.mark.slow  # every test here runs pretrain.py on shards that prepare_data.py makes first
 

@@ -17,8 +17,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-from conftest import (REPO, assert_remote_code_class, make_tiny_model, run_in_clean_process,
-                      write_jsonl)
+from conftest import REPO, assert_remote_code_class, make_tiny_model, run_in_clean_process, write_jsonl
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.distributed import run_with_deadline
