@@ -41,8 +41,10 @@ def add_chat_format(tokenizer, model_vocab_size: int = 50304):
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Where a chat answer ends: `<|endoftext|>`, or a role marker (the model began the next turn itself)."""
-    return [tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(ROLE_TOKENS)]
+    """Where a chat answer ends: `<|endoftext|>`, or a role marker (the model began the next turn itself). A
+    tokenizer without the chat format has no role markers (they map to its unknown token): `<|endoftext|>` only."""
+    role_ids = [tid for tid in tokenizer.convert_tokens_to_ids(ROLE_TOKENS) if tid != tokenizer.unk_token_id]
+    return [tokenizer.eos_token_id, *role_ids]
 
 
 def load_chat_tokenizer(name_or_path: str | None = None, model_vocab_size: int = 50304, **kwargs):

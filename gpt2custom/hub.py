@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 from configuration_gpt2custom import GPT2CustomConfig
 from modeling_gpt2custom import GPT2CustomForCausalLM
 
-from .chat import ROLE_TOKENS, add_chat_format
+from .chat import add_chat_format, stop_token_ids
 from .checkpoints import export_gpt2
 from .tokenizer import EOT_ID, load_tokenizer
 
@@ -513,10 +513,8 @@ def write_model_card(
 
 def _generation_config(tokenizer, existing: GenerationConfig) -> GenerationConfig:
     """The checkpoint's generation config with every chat role marker as a stop token and sampling defaults."""
-    role_ids = [tid for tid in tokenizer.convert_tokens_to_ids(ROLE_TOKENS) if tid != tokenizer.unk_token_id]
-    # A new role marker means the model began the next turn itself: stop there as at <|endoftext|>.
     config = GenerationConfig(**{**existing.to_diff_dict(), "bos_token_id": EOT_ID, "pad_token_id": EOT_ID})
-    config.eos_token_id = [EOT_ID, *role_ids]
+    config.eos_token_id = stop_token_ids(tokenizer)
     if not existing.do_sample:
         config.update(**SAMPLING_DEFAULTS)
     return config

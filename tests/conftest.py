@@ -43,6 +43,32 @@ def run_script(*args, cwd=REPO, env=None, timeout=300, check=True):
     return proc
 
 
+def reset_process_state():
+    """Forget what a run in this process left behind: accelerate's process-wide singletons (distributed type,
+    precision, gradient accumulation) and dynamo's compiled graphs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch._dynamo.reset()
+
+
+def run_main_here(main, *args) -> str:
+    """A script's `main(*args)` in this process (it has paid for torch's import already), from a clean process-wide
+    state and leaving one behind; returns what it printed on stdout (stderr, the progress bars, is dropped)."""
+    import contextlib
+    import io
+
+    reset_process_state()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            main(*args)
+    finally:
+        reset_process_state()
+    return printed.getvalue()
+
+
 def text_shards(root, text: str, val_tokens: int = 3000, shard_size: int = 20000) -> Path:
     """`root/shards`: token shards of `text` (one document per paragraph) made by prepare_data.py's own `main`, in
     this process (a fresh interpreter would spend seconds importing what this one has)."""

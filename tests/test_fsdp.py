@@ -5,8 +5,6 @@ torch.distributed.checkpoint metadata (which rank stored which rows) and torch's
 Two launches (FSDP, FSDP resumed), each bounded by a deadline that dumps the ranks' stacks on a hang.
 """
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -17,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, text_shards
+from conftest import REPO, run_main_here, text_shards
 from gpt2custom.distributed import run_with_deadline
 from gpt2custom.plots import read_metrics
 
@@ -70,22 +68,11 @@ def one_process_run(data, tmp_path_factory):
     """The same run with no distribution at all, in this process (pretrain.py's own main; accumulating the 4
     micro-batches the two ranks take per step): the reference sharding must reproduce. Two DDP ranks were shown
     equal to one process in tests/test_recipe.py."""
-    from accelerate.state import AcceleratorState, GradientState
-
     import pretrain
 
     out = tmp_path_factory.mktemp("one")
     argv = ["--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl", "--output_dir", out, *ARGS]
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
-            pretrain.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return out, printed.getvalue()
+    return out, run_main_here(pretrain.main, [str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")

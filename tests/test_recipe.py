@@ -3,8 +3,6 @@ paper's init statistics, a plain nanoGPT-style GPT-2 trained in this file with b
 attention kernel's own view of its mask, and the host syncs a step makes. Then resume across a change of compile
 flag and of world size, on the path users run (pretrain.py, compiled with a backend that needs no C++ build)."""
 
-import contextlib
-import io
 import json
 import math
 import shutil
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, run_script, text_shards
+from conftest import REPO, run_main_here, run_script, text_shards
 from gpt2custom.plots import read_metrics
 
 # --------------------------------------------------------------------------- init
@@ -235,23 +233,13 @@ def recipe_data(tmp_path_factory, real_text):
 
 
 def pretrain(data, out, *extra) -> str:
-    """pretrain.py's `main` with these flags, in this process (it has paid for torch's import already); returns
-    what it printed. The distributed runs launch the script itself."""
-    from accelerate.state import AcceleratorState, GradientState
-
+    """pretrain.py's `main` with these flags, in this process; returns what it printed. The distributed runs launch
+    the script itself."""
     import pretrain as script
 
     argv = ["--data_dir", data / "shards", "--hellaswag_path", data / "hellaswag.jsonl", "--init_from",
             data / "init", "--output_dir", out, *RECIPE, *extra]  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run sets its own precision
-    GradientState._reset_state()
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
-        script.main([str(a) for a in argv])
-    torch._dynamo.reset()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return printed.getvalue()
+    return run_main_here(script.main, [str(a) for a in argv])
 
 
 def rows(out, kind):

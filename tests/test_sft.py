@@ -17,7 +17,15 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-from conftest import REPO, assert_remote_code_class, make_tiny_model, run_in_clean_process, write_jsonl
+from conftest import (
+    REPO,
+    assert_remote_code_class,
+    make_tiny_model,
+    reset_process_state,
+    run_in_clean_process,
+    run_main_here,
+    write_jsonl,
+)
 from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_context, load_chat_tokenizer
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.distributed import run_with_deadline
@@ -41,11 +49,8 @@ def hello(name: str, two_turns: bool = False) -> list[dict]:
 @pytest.fixture
 def fresh_accelerate_state():
     """Trainers made in this process set accelerate's process-wide state; leave none behind for other tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_process_state()
 
 
 def synthetic_row(messages, prompt_id, rejected=None) -> dict:
@@ -359,18 +364,12 @@ def token_loss(model, tokenizer, conversations, part="assistant") -> float:
 def one_process_run(tiny_checkpoint, chat_jsonl, tmp_path_factory):
     """sft.py in this process, as `python sft.py` runs it on one device: the arguments of sft_run except that two
     accumulated micro-batches stand in for the two ranks, so each optimizer step sees the same packed rows."""
-    from accelerate.state import AcceleratorState, GradientState
-
     import sft
 
     out = tmp_path_factory.mktemp("sft_one") / "out"
     argv = sft_args(tiny_checkpoint, chat_jsonl, out)
     argv[argv.index("--gradient_accumulation_steps") + 1] = "2"
-    try:
-        sft.main(*sft.parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    run_main_here(sft.main, *sft.parse_args(argv))
     return out
 
 

@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
-from conftest import make_tiny_model, run_script
+from conftest import make_tiny_model, reset_process_state, run_script
 from gpt2custom.training import build_optimizers, build_schedulers, train_step
 
 BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -35,9 +34,7 @@ def one_thread():
 @pytest.fixture
 def accelerator():
     yield Accelerator(cpu=True)
-    # Leave no process-wide state to other tests: accelerate's singleton, and dynamo's graphs of our forward.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch._dynamo.reset()
+    reset_process_state()  # accelerate's singletons and dynamo's graphs of our forward: none left to other tests
 
 
 def windows(ids: torch.Tensor, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
