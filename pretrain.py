@@ -70,6 +70,8 @@ class PretrainArgs:
     beta2: float = 0.95
     grad_clip: float = 1.0
     optimizer: str = field(default="adamw", metadata={"help": "adamw | muon (Muon on hidden matrices + AdamW)"})
+    muon_learning_rate: float | None = field(default=None, metadata={
+        "help": "Muon's peak LR (AdamW units: its update is scaled to AdamW's RMS); default learning_rate"})  # fmt: skip
     # speed
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32"})
     tf32: bool = True
@@ -179,6 +181,7 @@ class Pretrainer:
             self.model if self.fsdp else self.model.to(acc.device),  # fully_shard places each rank's shard
             optimizer=args.optimizer,
             lr=args.learning_rate,
+            muon_lr=args.muon_learning_rate,
             weight_decay=args.weight_decay,
             betas=(args.beta1, args.beta2),
             fused=args.fused_adamw and acc.device.type == "cuda",

@@ -44,8 +44,10 @@ def build_optimizers(
     eps: float = 1e-8,
     fused: bool | None = None,
     muon_momentum: float = 0.95,
+    muon_lr: float | None = None,
 ) -> list[torch.optim.Optimizer]:
-    """One optimizer (AdamW) or two (Muon for hidden matrices + AdamW for the rest)."""
+    """One optimizer (AdamW) or two (Muon for hidden matrices + AdamW for the rest); `muon_lr` (default `lr`) is
+    Muon's peak LR in AdamW units, so the two can be tuned apart."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied lm_head appears once
     if optimizer == "adamw":
         muon_params = []
@@ -67,7 +69,8 @@ def build_optimizers(
         optimizers.insert(
             0,
             torch.optim.Muon(
-                muon_params, lr=lr, weight_decay=weight_decay, momentum=muon_momentum, adjust_lr_fn="match_rms_adamw"
+                muon_params, lr=lr if muon_lr is None else muon_lr, weight_decay=weight_decay, momentum=muon_momentum,
+                adjust_lr_fn="match_rms_adamw",
             ),
         )
     return optimizers
