@@ -35,7 +35,7 @@ from gpt2custom.chat import add_chat_format
 from gpt2custom.checkpoints import import_gpt2, save_model_folder
 from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, load_manifest, read_shard
 from gpt2custom.distributed import shutdown
-from gpt2custom.fsdp import block_parameter_counts, enable_fsdp_on_cpu, local_tensor
+from gpt2custom.fsdp import block_parameter_counts, enable_fsdp_on_cpu, fsdp_requested, local_tensor
 from gpt2custom.metrics import detect_gpu, flops_per_token
 from gpt2custom.plots import plot_training
 from gpt2custom.resume import Checkpointer, checkpoint_folders
@@ -117,6 +117,10 @@ def check_args(args: PretrainArgs):
         # accelerate updates its GradScaler after each optimizer, so AdamW's gradients would be unscaled twice.
         raise ValueError("precision=fp16 with optimizer=muon is not supported (one GradScaler across two optimizers "
                          "unscales the second one's gradients twice): use precision bf16 or fp32")  # fmt: skip
+    if args.optimizer == "muon" and fsdp_requested():
+        # accelerate's save_state saves optimizer i with prepared model i: the second optimizer has no model.
+        raise ValueError("optimizer=muon with an FSDP launch is not supported (accelerate's FSDP checkpoints pair "
+                         "each optimizer with one model; Muon + AdamW are two): launch with DDP, or optimizer adamw")  # fmt: skip
     if args.max_steps < 1 or args.warmup_steps < 0:
         raise ValueError(f"max_steps={args.max_steps}, warmup_steps={args.warmup_steps}: expected max_steps >= 1, "
                          f"warmup_steps >= 0")  # fmt: skip
