@@ -8,11 +8,15 @@ TF32, bf16 autocast, SDPA flash attention, vocab 50304, torch.compile, fused Ada
     python pretrain.py --config configs/smoke.yaml                          # tiny model on the CPU
     accelerate launch --config_file accelerate_configs/ddp_8gpu.yaml pretrain.py --config configs/gpt2-124m.yaml
     accelerate launch --config_file accelerate_configs/fsdp_8gpu.yaml pretrain.py --config configs/gpt2-774m.yaml  # FSDP2
-    accelerate launch ... pretrain.py --config configs/gpt2-124m.yaml --resume true   # continue the latest checkpoint
+    accelerate launch ... pretrain.py --config configs/gpt2-124m.yaml   # run again: continues the latest checkpoint
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 pretrain.py --config configs/smoke.yaml --cpu true
 
 Writes to --output_dir: metrics.jsonl, tracker logs, checkpoints/step_NNNNNN (accelerate state), final/ (an HF model
 folder that AutoModelForCausalLM loads with trust_remote_code=True), loss.png, hellaswag.png, run_summary.json.
+
+Exit codes: 0 done; 75 stopped for a preemption notice (SIGTERM / SIGUSR1) or --max_time after a complete checkpoint:
+start it again to continue (gpt2custom/preemption.py; a torchrun launcher exits 128 + signal, 143 for SIGTERM);
+1 an error.
 """
 
 import json
@@ -38,6 +42,7 @@ from gpt2custom.distributed import shutdown
 from gpt2custom.fsdp import block_parameter_counts, enable_fsdp_on_cpu, fsdp_requested, local_tensor
 from gpt2custom.metrics import detect_gpu, flops_per_token
 from gpt2custom.plots import plot_training
+from gpt2custom.preemption import EXIT_PREEMPTED, Notice, Preempted, parse_signals, rewind_step, step_start
 from gpt2custom.resume import Checkpointer, checkpoint_folders
 from gpt2custom.runlog import RunLogger, RunProgress, format_summary
 from gpt2custom.tokenizer import load_tokenizer
@@ -95,7 +100,17 @@ class PretrainArgs:
     output_dir: str = "runs/gpt2-124m"
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in output_dir"})
+    resume: str = field(default="auto", metadata={
+        "help": "auto: continue the latest checkpoint in output_dir if there is one, else start (true: the same); "
+                "false: start fresh, and refuse an output_dir that already holds a run"})  # fmt: skip
+    # preemption
+    max_time: float | None = field(default=None, metadata={
+        "help": "seconds of wall clock for this start; then checkpoint and stop as on a notice (exit 75)"})
+    preempt_signals: str = field(default="SIGTERM,SIGUSR1", metadata={
+        "help": "signals that mean 'checkpoint and stop' (exit 75); a second one 2 s or more later stops at once"})
+    preempt_deadline_s: float | None = field(default=None, metadata={
+        "help": "seconds from the notice to the exit: a save that would overrun is skipped, the last complete "
+                "checkpoint stays"})  # fmt: skip
     # cost
     gpu_price_per_hour: float | None = field(default=None, metadata={"help": "per GPU; default from the GPU's name"})
     peak_flops: float | None = field(default=None, metadata={"help": "per GPU, for MFU; default from the GPU's name"})
@@ -124,6 +139,21 @@ def check_args(args: PretrainArgs):
     if args.max_steps < 1 or args.warmup_steps < 0:
         raise ValueError(f"max_steps={args.max_steps}, warmup_steps={args.warmup_steps}: expected max_steps >= 1, "
                          f"warmup_steps >= 0")  # fmt: skip
+    args.resume = str(args.resume).lower()  # a YAML `resume: true` arrives as a bool
+    if args.resume not in ("auto", "true", "false"):
+        raise ValueError(f"resume={args.resume!r}: expected auto, true or false")
+    for key in ("max_time", "preempt_deadline_s"):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ValueError(f"{key}={getattr(args, key)}: expected a number of seconds > 0")
+    parse_signals(args.preempt_signals)
+
+
+def used_by(out: Path) -> str | None:
+    """What shows that `out` already holds a run (checkpoints, metrics, a final model), or None."""
+    for what in ("checkpoints/step_*", "metrics.jsonl", "final", "run_summary.json"):
+        if found := sorted(out.glob(what)):
+            return str(found[-1])
+    return None
 
 
 def has_split(data_dir: str, split: str) -> bool:
@@ -165,6 +195,9 @@ class Pretrainer:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
         set_seed(args.seed)
+        # from here on a SIGTERM / SIGUSR1 is a notice: the run stops at the next point where every rank checks
+        self.notice = Notice(acc, parse_signals(args.preempt_signals), args.max_time, args.preempt_deadline_s)
+        self.notice.install()
         self.grad_accum = gradient_accumulation(args, acc.num_processes)
         loader_args = dict(batch_size=args.micro_batch_size, seq_len=args.block_size, rank=acc.process_index,
                            world_size=acc.num_processes)  # fmt: skip
@@ -217,7 +250,7 @@ class Pretrainer:
             flops_per_token=flops_per_token(self.model.config, args.block_size),
             peak_flops=args.peak_flops or (gpu.peak_bf16_flops if gpu else None),
             price_per_gpu_hour=args.gpu_price_per_hour or (gpu.dollars_per_hour if gpu else None),
-            log_interval=args.log_interval,
+            log_interval=args.log_interval, max_time=args.max_time,
         )  # fmt: skip
         self.hellaswag = self.load_hellaswag() if args.hellaswag_interval else None
 
@@ -323,41 +356,97 @@ class Pretrainer:
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     # ---------------------------------------------------------------- training
-    def train(self):
+    def train(self) -> bool:
+        """The run, or what is left of it; True when it stopped for a notice (checkpoint written)."""
         args, acc, progress, log = self.args, self.accelerator, self.progress, self.logger
         acc.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
-        if args.resume and (latest := self.checkpoints.resume()):
+        if args.resume == "false" and (used := used_by(self.out)):
+            raise ValueError(f"output_dir {self.out} already holds a run ({used}): continue it with --resume auto, "
+                             f"or choose a new output_dir")  # fmt: skip
+        if args.resume != "false" and (latest := self.checkpoints.resume()):
             acc.print(f"resumed from {latest} at step {progress.step}")
             if progress.step >= args.max_steps and (self.out / "run_summary.json").exists():
                 acc.print(f"{self.out} finished at step {progress.step}: nothing to do")
-                return
+                return False
         acc.print(
             f"{args.model_preset}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
             f"{acc.num_processes} process(es) on {self.gpu_name}, grad accumulation {self.grad_accum}, "
             f"{args.total_batch_size:,} tokens/step, {args.max_steps} steps, precision {acc.mixed_precision}"
         )
         log.start()
+        if progress.after_step_pending and self.after_step():  # a notice cut this step's evaluation short
+            return self.stop_for_notice()
         while progress.step < args.max_steps:
-            loss, grad_norm, lr = train_step(
+            start = step_start(self.train_loader)
+            result = train_step(
                 self.train_model, self.next_batch, self.optimizers, self.schedulers, acc,
-                grad_accum=self.grad_accum, grad_clip=args.grad_clip,
+                grad_accum=self.grad_accum, grad_clip=args.grad_clip, stop=self.notice.should_stop,
             )  # fmt: skip
-            loss_value = log.step(loss, grad_norm, lr)
+            if result is None:  # stopped between micro-steps: the step is redone from its start on resume
+                rewind_step(self.train_loader, start)
+                return self.stop_for_notice()
+            loss_value = log.step(*result)
             if loss_value is not None and not math.isfinite(loss_value):
                 self.stop_diverged(f"loss is {loss_value} at step {progress.step}")
-            with log.not_training():
-                if self.due(args.eval_interval) or (self.hellaswag and self.due(args.hellaswag_interval)):
+            if self.after_step():
+                return self.stop_for_notice()
+        log.close()
+        self.finish()
+        if self.notice.should_stop():  # a notice during finish(): the run is complete, the code says why it ended
+            self.notice.finish()
+            return True
+        return False
+
+    def after_step(self) -> bool:
+        """Validation, HellaSwag, samples and the periodic checkpoint, each when due (nothing else syncs with the
+        device); True when a notice stopped them, with this step marked to finish them on resume."""
+        args, progress, log = self.args, self.progress, self.logger
+        evaluate = self.due(args.eval_interval) or (self.hellaswag and self.due(args.hellaswag_interval))
+        sample, save = self.due(args.sample_interval), self.due(args.checkpoint_interval)
+        if not (evaluate or sample or save):
+            return False
+        progress.after_step_pending = True
+        with log.not_training():
+            # Every forward checks the flag, so the ranks stop at the same one. The base model is what validation,
+            # sampling and HellaSwag's plain-head scorer all call; a sharded model's root, before it gathers.
+            hook = self.notice.watch(self.model if self.fsdp else self.model.base_model)
+            try:
+                if evaluate:
                     progress.last_eval = self.evaluate()
                     log.eval_row(progress.last_eval)
-                if self.due(args.sample_interval):
+                if sample:
                     texts = self.samples()  # on every rank: a sharded model needs them all for its forwards
                     for text in texts:
                         log.write(f"sample: {text!r}")
-                if self.due(args.checkpoint_interval):
-                    self.check_finite_weights()  # never replace a good checkpoint with a broken one
-                    self.checkpoints.save(progress.step)
-        log.close()
-        self.finish()
+            except Preempted:
+                self.model.train()
+                return True
+            finally:
+                hook.remove()
+            progress.after_step_pending = False
+            if save:
+                self.check_finite_weights()  # never replace a good checkpoint with a broken one
+                self.checkpoints.save(progress.step)
+        return False
+
+    def stop_for_notice(self) -> bool:
+        """One complete checkpoint of the last finished step on every rank (unless it exists or would overrun the
+        deadline), then the caller exits with EXIT_PREEMPTED."""
+        acc, notice, step = self.accelerator, self.notice, self.progress.step
+        self.logger.stop()
+        acc.print(f"{notice.reason}: stopping at step {step}")
+        if self.checkpoints.last_saved == step and not self.progress.after_step_pending:
+            acc.print(f"checkpoint step {step} is already complete")
+        elif not notice.save_fits(self.checkpoints.last_save_seconds):
+            acc.print(f"a save takes ~{self.checkpoints.last_save_seconds:.0f} s: past preempt_deadline_s="
+                      f"{notice.deadline_s:g}, so none; the last complete checkpoint stays")  # fmt: skip
+        else:
+            self.check_finite_weights()
+            self.checkpoints.save(step)
+            acc.print(f"checkpoint step {step} complete {notice.seconds_since_notice():.1f} s after the notice: "
+                      f"start the same command again to continue (exit {EXIT_PREEMPTED})")  # fmt: skip
+        notice.finish()
+        return True
 
     def finish(self):
         """The HF model folder, plots and the run summary; run_summary.json last, so its presence means done."""
@@ -406,7 +495,7 @@ def main(argv=None):
     try:
         (args,) = TrlParser((PretrainArgs,)).parse_args_and_config(argv)
         trainer = Pretrainer(args)
-        trainer.train()
+        preempted = trainer.train()
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad config, data or checkpoint: one line
         if torch.distributed.is_initialized():
             # No orderly teardown: a barrier would wait for ranks that never hit the error; the launcher ends them.
@@ -414,8 +503,13 @@ def main(argv=None):
             sys.stdout.flush()
             os._exit(1)
         sys.exit(f"pretrain.py: {e}")
+    finally:
+        if trainer is not None:
+            trainer.notice.uninstall()
     trainer.train_model = None  # the DDP wrapper: its reducer must go before the process group
     shutdown(trainer.accelerator)
+    if preempted:
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ wraps the model, and agreed on by every rank.
 
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class Checkpointer:
             accelerator.project_configuration.save_on_each_node = True
         self.writer = accelerator.is_main_process if self.shared else accelerator.is_local_main_process
         self.settings = model_settings(raw_model.config)
+        # the step of the last complete checkpoint and how long its save took (a preemption's deadline needs it)
+        self.last_saved: int | None = None
+        self.last_save_seconds: float | None = None
         if accelerator.distributed_type != DistributedType.FSDP:  # FSDP saves its own sharded state
             accelerator.register_save_state_pre_hook(self._save_weights_by_name)
             accelerator.register_load_state_pre_hook(self._load_weights_by_name)
@@ -98,7 +102,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, extra: dict | None = None):
+        """Write `step_N` atomically. A kill at any moment leaves every complete checkpoint complete: the same step
+        saved again replaces the old folder only by renames (the old one is kept aside until the new one is in)."""
         final, tmp = self.dir / f"step_{step:06d}", self.dir / f".step_{step:06d}.tmp"
+        aside = self.dir / f".step_{step:06d}.old"
+        began = time.perf_counter()
         if self.writer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
@@ -106,13 +114,18 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         if self.writer:
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            info = {"step": step, "model": self.settings, "files": files, **(extra or {})}
+            info = {"step": step, "model": self.settings, "files": files,
+                    "save_seconds": round(time.perf_counter() - began, 3), **(extra or {})}  # fmt: skip
             (tmp / INFO).write_text(json.dumps(info, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+                final.rename(aside)
             tmp.rename(final)
+            shutil.rmtree(aside, ignore_errors=True)
             for old in checkpoint_folders(self.dir)[: -self.keep]:
                 shutil.rmtree(old)
         self.acc.wait_for_everyone()
+        self.last_saved, self.last_save_seconds = step, time.perf_counter() - began
 
     # ------------------------------------------------------------------ resume
     def problem(self, path: Path) -> str | None:
@@ -147,6 +160,10 @@ class Checkpointer:
         if self.writer:  # unfinished saves of earlier runs
             for tmp in self.dir.glob(".step_*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True)
+            for aside in self.dir.glob(".step_*.old"):  # killed between a re-save's two renames: the old one is back
+                final = aside.with_name(aside.name[1:].removesuffix(".old"))
+                aside.rename(final) if not final.exists() else shutil.rmtree(aside, ignore_errors=True)
+        self.acc.wait_for_everyone()
         folders = checkpoint_folders(self.dir)
         readable = []
         for path in reversed(folders):
@@ -175,6 +192,8 @@ class Checkpointer:
             except Exception as e:  # unreadable files: fall back to the previous checkpoint
                 error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if all(e is None for e in gather_object([error])):
+                self.last_saved = step
+                self.last_save_seconds = json.loads((path / INFO).read_text()).get("save_seconds")
                 return path
             self._say(f"checkpoint {path} could not be loaded ({error or 'on another rank'}): trying the previous one")
         raise ResumeError(f"no loadable checkpoint in {self.dir}")

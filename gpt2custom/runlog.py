@@ -25,15 +25,19 @@ class RunProgress:
     def __init__(self):
         self.step, self.tokens, self.train_seconds, self.wall_seconds = 0, 0, 0.0, 0.0
         self.last_eval: dict = {}
+        # the evaluation / samples / checkpoint due after `step` are not done yet (a notice stopped them)
+        self.after_step_pending = False
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
-                "wall_seconds": self.wall_seconds, "last_eval": dict(self.last_eval)}  # fmt: skip
+                "wall_seconds": self.wall_seconds, "last_eval": dict(self.last_eval),
+                "after_step_pending": self.after_step_pending}  # fmt: skip
 
     def load_state_dict(self, state: dict):
         self.step, self.tokens, self.train_seconds = state["step"], state["tokens"], state["train_seconds"]
         self.wall_seconds = state.get("wall_seconds", self.train_seconds)  # checkpoints from before the wall clock
         self.last_eval = dict(state.get("last_eval") or {})
+        self.after_step_pending = bool(state.get("after_step_pending", False))
 
 
 class RunLogger:
@@ -41,14 +45,15 @@ class RunLogger:
 
     def __init__(self, out_dir, accelerator, progress: RunProgress, *, tokens_per_step: int, max_steps: int,
                  flops_per_token: float, peak_flops: float | None, price_per_gpu_hour: float | None,
-                 log_interval: int = 1):  # fmt: skip
-        self.out, self.acc, self.progress = Path(out_dir), accelerator, progress
+                 log_interval: int = 1, max_time: float | None = None):  # fmt: skip
+        self.out, self.acc, self.progress, self.max_time = Path(out_dir), accelerator, progress, max_time
         self.tokens_per_step, self.max_steps, self.log_interval = tokens_per_step, max_steps, log_interval
         self.flops_per_token, self.peak, self.price = flops_per_token, peak_flops, price_per_gpu_hour
         self.bar = None
 
     # ------------------------------------------------------------------ clocks
     def start(self):
+        """Start both clocks (and this start's `max_time` budget, shown in the progress bar)."""
         self._wall_base, self._wall_start = self.progress.wall_seconds, time.perf_counter()
         self._window_seconds, self._window_steps, self._window_start = 0.0, 0, time.perf_counter()
         self.bar = tqdm(total=self.max_steps, initial=self.progress.step, desc="pretrain",
@@ -61,9 +66,19 @@ class RunLogger:
     def update_wall(self):
         self.progress.wall_seconds = self._wall_base + time.perf_counter() - self._wall_start
 
+    def stop(self):
+        """Stopping early: the training time since the last logged step is kept (it is saved with the checkpoint),
+        and the progress bar closes."""
+        self._sync()
+        self.progress.train_seconds += self._window_seconds + time.perf_counter() - self._window_start
+        self._window_seconds, self._window_steps, self._window_start = 0.0, 0, time.perf_counter()
+        self.update_wall()
+        self.close()
+
     @contextmanager
     def not_training(self):
-        """Evaluation, sampling and checkpoints: wall time, but not training time (tokens/s leaves them out)."""
+        """Evaluation, sampling and checkpoints: wall time, but not training time (tokens/s leaves them out). Enter
+        it only when one of them runs: it waits for the device."""
         self._sync()
         self._window_seconds += time.perf_counter() - self._window_start
         try:
@@ -101,6 +116,9 @@ class RunLogger:
             postfix["mfu"] = f"{util:.1%}"
         if spent is not None:
             postfix["$"] = f"{spent:.2f}"
+        if self.max_time is not None:  # this start's budget: at 0 the run checkpoints and stops
+            left = max(0, int(self.max_time - (time.perf_counter() - self._wall_start)))
+            postfix["left"] = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
         self.bar.set_postfix(postfix, refresh=False)
         return loss_value
 

@@ -95,9 +95,14 @@ def build_schedulers(optimizers, *, warmup_steps: int, max_steps: int, min_lr_ra
     return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
 
 
-def train_step(model, next_batch, optimizers, schedulers, accelerator, *, grad_accum: int, grad_clip: float | None):
+def train_step(model, next_batch, optimizers, schedulers, accelerator, *, grad_accum: int, grad_clip: float | None,
+               stop=None):
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as device tensors and the
     LR this step used (a float).
+
+    `stop()`, when given, is asked before each micro-step (on every rank: it may be a collective); when it answers
+    True the step is abandoned: gradients dropped, weights, optimizer and schedule untouched, and None returned
+    (the caller rewinds its data loader).
 
     The forward returns only the loss (`skip_logits`): no (B·T × V) logits, and nothing for accelerate's
     mixed-precision wrapper to copy to fp32. Gradients are all-reduced only on the last micro-step (`no_sync` before
@@ -106,6 +111,10 @@ def train_step(model, next_batch, optimizers, schedulers, accelerator, *, grad_a
     """
     loss_sum = None
     for micro_step in range(grad_accum):
+        if stop is not None and stop():
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            return None
         x, y = next_batch()
         last = micro_step == grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):

@@ -2,8 +2,10 @@
 (Two gloo ranks against one process, compile and world-size changes: tests/test_recipe.py.)"""
 
 import json
+import os
 import random
 import shutil
+import signal
 
 import pytest
 import torch
@@ -111,6 +113,9 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(shards, tmp_path)
         (["--data_dir", "/nonexistent/shards"], "/nonexistent/shards has no manifest.json"),
         (["--model_preset", "gpt5"], "unknown preset 'gpt5'"),
         (["--precision", "fp8"], "precision='fp8'"),
+        (["--preempt_signals", "SIGTERM,SIGFOO"], "preempt_signals='SIGTERM,SIGFOO': SIGFOO is not a signal"),
+        (["--resume", "maybe"], "resume='maybe': expected auto, true or false"),
+        (["--max_time", "0"], "max_time=0.0: expected a number of seconds > 0"),
     ],
 )
 def test_bad_input_gives_one_clear_error(shards, tmp_path, extra, message):
@@ -246,3 +251,128 @@ def test_resume_recovers_to_the_same_final_weights(shards, straight_run, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 16 and summary["val_loss"] is not None
+
+
+# --------------------------------------------------------------------------- preemption (2-rank cases: test_preemption.py)
+
+
+def signal_before_call(monkeypatch, owner, name: str, call: int, signum: int) -> list:
+    """Send this process `signum` just before the `call`-th call of `owner.name`: the notice lands at that seeded
+    moment however slow the machine is. Returns the list of moments it fired at (the step the run had reached)."""
+    original, calls, fired = getattr(owner, name), [0], []
+
+    def gated(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signum)  # the handler runs before the next bytecode: the notice is in
+            fired.append(call)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, gated)
+    return fired
+
+
+def run_here(argv) -> tuple[int, str]:
+    """pretrain.main in this process: (exit code, stdout)."""
+    import contextlib
+    import io
+
+    import pretrain as script
+    from conftest import reset_process_state
+
+    reset_process_state()
+    printed, code = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            script.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        reset_process_state()
+    return code, printed.getvalue()
+
+
+def complete_checkpoints(out) -> list[int]:
+    """Steps of the checkpoints whose files all have the sizes their checkpoint.json lists (read here, not by the
+    project's own check)."""
+    steps = []
+    for folder in sorted((out / "checkpoints").glob("step_*")):
+        info = json.loads((folder / "checkpoint.json").read_text())
+        if all((folder / name).stat().st_size == size for name, size in info["files"].items()):
+            steps.append(info["step"])
+    return steps
+
+
+def assert_bitwise_same_run(a, b):
+    assert train_losses(a) == train_losses(b)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_mid_run_saves_exits_75_and_the_next_start_continues_bitwise(shards, straight_run, tmp_path,
+                                                                             monkeypatch):
+    from gpt2custom.data import ShardLoader
+    from gpt2custom.preemption import EXIT_PREEMPTED
+
+    out = tmp_path / "run"
+    argv = ["--data_dir", shards, "--output_dir", out, *TINY_RUN, *STEPS]
+    fired = signal_before_call(monkeypatch, ShardLoader, "next_batch", call=10, signum=signal.SIGTERM)  # step 10
+    code, printed = run_here(argv)
+    monkeypatch.undo()
+    assert fired and code == EXIT_PREEMPTED == 75, printed
+    assert max(complete_checkpoints(out)) == 10 == max(json.loads(r)["step"] for r in
+                                                       (out / "metrics.jsonl").read_text().splitlines())
+    assert not (out / "final").exists()
+    code, printed = run_here(argv)  # the same command: --resume auto is the default
+    assert code in (0, None) and "resumed from" in printed and "step_000010" in printed
+    assert_bitwise_same_run(out, straight_run[0])
+
+
+def test_sigusr1_during_the_last_samples_is_finished_by_the_next_start(shards, straight_run, tmp_path, monkeypatch):
+    """The notice lands inside sampling at the last step: the checkpoint marks that step's evaluation, samples and
+    save as not done, and the next start does them before finishing."""
+    from transformers.generation.utils import GenerationMixin
+
+    out = tmp_path / "run"
+    argv = ["--data_dir", shards, "--output_dir", out, *TINY_RUN, *STEPS]
+    fired = signal_before_call(monkeypatch, GenerationMixin, "generate", call=1, signum=signal.SIGUSR1)
+    code, printed = run_here(argv)
+    monkeypatch.undo()
+    assert fired and code == 75, printed
+    assert max(complete_checkpoints(out)) == 16 and not (out / "final").exists()
+    code, printed = run_here(argv)
+    assert code in (0, None) and "step_000016" in printed
+    assert_bitwise_same_run(out, straight_run[0])
+    a, b = (json.loads((run / "run_summary.json").read_text()) for run in (straight_run[0], out))
+    assert (a["val_loss"], a["steps"], a["tokens"]) == (b["val_loss"], b["steps"], b["tokens"])
+    assert "sample: " in printed  # the samples due at step 16 ran after the resume
+
+
+def test_a_fresh_run_in_a_used_folder_is_one_line_refusal(shards, straight_run, tmp_path, capsys):
+    import pretrain as script
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    (out / "run_summary.json").unlink()
+    before = tree_bytes(out)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--data_dir", str(shards), "--output_dir", str(out), *TINY_RUN, *STEPS, "--resume", "false"])
+    error = str(exit_info.value)
+    assert error.startswith(f"pretrain.py: output_dir {out} already holds a run (") and "\n" not in error, error
+    assert "--resume auto" in error
+    assert tree_bytes(out) == before
+
+
+def test_device_syncs_only_on_logged_steps_and_when_something_runs(shards, tmp_path, monkeypatch):
+    """log_interval 3 over 6 steps, and the checkpoint + validation of the last step: 2 logged steps and 1 step with
+    work, so 3 waits for the device (the loop used to wait at every step as well: 8)."""
+    from gpt2custom.runlog import RunLogger
+
+    syncs = []
+    original = RunLogger._sync
+    monkeypatch.setattr(RunLogger, "_sync", lambda self: (syncs.append(self.progress.step), original(self))[1])
+    code, _ = run_here(["--data_dir", shards, "--output_dir", tmp_path / "run", *TINY_RUN, "--max_steps", "6",
+                        "--log_interval", "3", "--checkpoint_interval", "1000"])  # fmt: skip
+    assert code in (0, None)
+    logged, with_work = [3, 6], [6]  # the config: logs every 3rd step; eval and checkpoint only at the last
+    assert sorted(syncs) == sorted(logged + with_work), syncs
