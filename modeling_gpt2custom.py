@@ -131,39 +131,96 @@ class GPT2CustomPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` without the (N × V) logits ever existing.
+def _chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    grad_hidden_needed: bool,
+    grad_weight_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op: the sum of the cross-entropies of `hidden @ weight.T` against `targets` (-100 ignored), walking the
+    rows in chunks, and, when asked, already its gradients (softmax − one-hot, as llm.c's fused classifier does): the
+    same matmuls as the plain lm_head + loss, with one chunk of logits in memory instead of all of them. A gradient
+    that is not needed (evaluation, a frozen head) is neither computed nor returned (an empty tensor stands in).
 
-    Forward walks the tokens in chunks and, for each, computes the loss and already the gradients (softmax − one-hot,
-    as llm.c's fused classifier does), so backward only scales them: the same matmuls as the plain lm_head + loss,
-    and one chunk of logits in memory instead of all of them in bf16, their fp32 upcast and the saved log-softmax.
-    """
+    The matmuls run in the operands' dtype (bf16 under autocast, see `chunked_linear_cross_entropy`, or under FSDP2's
+    mixed precision; fp32; fp64 for gradcheck); softmax and the weight gradient's sum in at least fp32."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    acc_dtype = torch.promote_types(dtype, torch.float32)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    loss = hidden.new_zeros((), dtype=acc_dtype)
+    grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else hidden.new_empty(0)
+    grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if grad_weight_needed else weight.new_empty(0)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        logits = (h @ weight.t()).to(acc_dtype)
+        valid = (t != -100).unsqueeze(1)
+        t = t.clamp(min=0).unsqueeze(1)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        loss = loss + ((lse - logits.gather(1, t)) * valid).sum()
+        if grad_hidden_needed or grad_weight_needed:
+            # d(sum of losses)/d(logits) = softmax − one-hot, in place: one chunk-sized buffer, not three
+            grad = logits.sub_(lse).exp_().scatter_add_(1, t, -valid.to(acc_dtype)).mul_(valid).to(dtype)
+            if grad_hidden_needed:
+                grad_hidden[start : start + chunk_size] = grad @ weight
+            if grad_weight_needed:
+                grad_weight += grad.t() @ h
+            del grad
+        del logits  # freed before the next chunk's logits exist
+    return loss, grad_hidden, grad_weight.to(weight.dtype)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_size: int, ignore_index: int = -100):
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = (h @ weight.t()).float()  # bf16 matmul under autocast, softmax in fp32
-            valid = (t != ignore_index).unsqueeze(1)
-            t = t.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss = loss + ((lse - logits.gather(1, t)) * valid).sum()
-            # d(sum of losses)/d(logits) = softmax − one-hot, in place: one chunk-sized fp32 buffer, not three
-            grad = logits.sub_(lse).exp_().scatter_add_(1, t, -valid.float()).mul_(valid)
-            grad_hidden[start : start + chunk_size] = grad @ weight
-            grad_weight += grad.t() @ h
-            del logits, grad  # freed before the next chunk's logits exist
-        ctx.save_for_backward(grad_hidden / divisor, grad_weight / divisor)
-        ctx.weight_dtype = weight.dtype
-        return loss / divisor
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+def _chunked_linear_cross_entropy_shapes(hidden, weight, targets, chunk_size, grad_hidden_needed, grad_weight_needed):
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return (
+        hidden.new_empty((), dtype=torch.promote_types(dtype, torch.float32)),
+        hidden.new_empty(hidden.shape, dtype=dtype) if grad_hidden_needed else hidden.new_empty(0, dtype=dtype),
+        weight.new_empty(weight.shape, dtype=dtype) if grad_weight_needed else weight.new_empty(0, dtype=dtype),
+    )
+
+
+def _save_gradients(ctx, inputs, output):
+    _, grad_hidden, grad_weight = output
+    ctx.save_for_backward(grad_hidden, grad_weight, inputs[2])
+    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    ctx.needed = inputs[4:6]
+
+
+def _scale_gradients(ctx, grad_loss, _grad_hidden, _grad_weight):
+    grad_hidden, grad_weight, targets = ctx.saved_tensors
+    # A batch with no target left (every label -100): the library's loss gives zero gradients, not 0 · inf = NaN.
+    grad_loss = torch.where((targets != -100).any(), grad_loss, 0.0)
+    grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needed[0] else None
+    grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needed[1] else None
+    return grad_hidden, grad_weight, None, None, None, None
+
+
+# A custom op, not an autograd.Function: under torch.compile the partitioner sees one opaque node, so what is saved for
+# backward is what _save_gradients saves (the two gradients), and Inductor cannot move a gradient matmul into the
+# backward graph and keep every chunk's (chunk × V) gradient alive for it. The op runs eagerly inside the compiled
+# graph, so its Python loop over the rows fixes no shape. Registered once per process (the flat checkout and the
+# Hub's copy of this file can both be imported).
+if not hasattr(torch.ops.gpt2custom, "chunked_linear_cross_entropy"):
+    _op = torch.library.custom_op("gpt2custom::chunked_linear_cross_entropy", mutates_args=())(
+        _chunked_linear_cross_entropy
+    )
+    _op.register_fake(_chunked_linear_cross_entropy_shapes)
+    _op.register_autograd(_scale_gradients, setup_context=_save_gradients)
+
+
+def chunked_linear_cross_entropy(hidden, weight, targets, divisor, chunk_size: int):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, divided by `divisor`, without the (N × V) logits.
+    Gradients are computed in the forward only for the inputs that need one, and only when autograd records."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # custom ops are not autocast: cast as autocast does for lm_head
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = torch.ops.gpt2custom.chunked_linear_cross_entropy(
+        hidden, weight, targets, chunk_size, grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    )
+    return loss / divisor
 
 
 class GPT2CustomModel(GPT2CustomPreTrainedModel):
@@ -267,7 +324,7 @@ class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """`labels` are shifted inside the loss (-100 ignored); `shift_labels=` (in kwargs) passes targets that
         are already shifted, as the pretraining loader yields them. `skip_logits=True` returns only the loss,
-        computed chunk by chunk (`ChunkedLinearCrossEntropy`): what a training step needs, without the logits."""
+        computed chunk by chunk (`chunked_linear_cross_entropy`): what a training step needs, without the logits."""
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -296,7 +353,7 @@ class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
         divisor = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
         divisor = torch.as_tensor(divisor, device=hidden_states.device, dtype=torch.float32)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        return ChunkedLinearCrossEntropy.apply(hidden, self.lm_head.weight, targets, divisor, self.loss_chunk_tokens)
+        return chunked_linear_cross_entropy(hidden, self.lm_head.weight, targets, divisor, self.loss_chunk_tokens)
 
 
 GPT2CustomForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -130,10 +130,10 @@ MUTATIONS = [
     # ------------------------------------------------------------------------------------------- 5. loss grad
     Mutation(
         "chunked-ce-grad-scale", "modeling_gpt2custom.py",
-        "        ctx.save_for_backward(grad_hidden / divisor, grad_weight / divisor)",
-        "        ctx.save_for_backward(grad_hidden, grad_weight)",
+        "    grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needed[0] else None",
+        "    grad_hidden = grad_hidden if ctx.needed[0] else None",
         (f"{R}::test_compiled_pretraining_equals_a_plain_nanogpt_reference",),
-        "ChunkedLinearCrossEntropy's gradient not divided by the token count (a sum's gradient for a mean loss)",
+        "the chunked loss's hidden-state gradient not scaled by the incoming gradient (a sum's gradient for a mean)",
     ),
     # ------------------------------------------------------------------------------------------- 6. last step
     Mutation(

@@ -1,7 +1,8 @@
 """The training step is the seed recipe, checked against references that do not come from this project: the GPT-2
 paper's init statistics, a plain nanoGPT-style GPT-2 trained in this file with build-nanogpt's `get_lr`, the
 attention kernel's own view of its mask, and the host syncs a step makes. Then resume across a change of compile
-flag and of world size, on the path users run (pretrain.py, compiled with a backend that needs no C++ build)."""
+flag and of world size, on the path users run (pretrain.py compiled with TorchInductor, the default backend: a
+cold C++ build of the tiny model's graphs costs ~25 s on 2 cores)."""
 
 import json
 import math
@@ -204,7 +205,7 @@ RECIPE = [
     "--model_preset", "tiny", "--block_size", str(T), "--micro_batch_size", str(B),
     "--total_batch_size", str(B * T * ACCUM), "--max_steps", str(STEPS), "--warmup_steps", str(WARMUP),
     "--learning_rate", str(LR), "--min_lr_ratio", "0.1", "--weight_decay", "0.1", "--grad_clip", "1.0",
-    "--precision", "fp32", "--cpu", "true", "--compile_backend", "aot_eager", "--seed", "3",
+    "--precision", "fp32", "--cpu", "true", "--seed", "3",
     "--eval_interval", "7", "--eval_batches", "0", "--hellaswag_interval", "7", "--sample_interval", "0",
     "--checkpoint_interval", "10", "--keep_checkpoints", "3", "--report_to", "none",
 ]  # fmt: skip
@@ -298,10 +299,8 @@ def test_compiled_pretraining_equals_a_plain_nanogpt_reference(recipe_data, comp
     assert [r["lr"] for r in train] == pytest.approx(lrs, rel=1e-12)
     assert lrs[0] > 0
     assert max(abs(r["loss"] - ref) for r, ref in zip(train, losses)) < 1e-5
-    ours = final_weights(compiled_run)
-    for name, p in model.state_dict().items():
-        if name != "lm_head.weight":  # tied to wte, saved once
-            assert torch.allclose(ours[name], p, atol=1e-5, rtol=0), name
+    reference = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to wte, saved once
+    assert_weights_close(final_weights(compiled_run), reference)
 
 
 @pytest.mark.slow
@@ -328,12 +327,22 @@ def continue_run(recipe_data, done, tmp_path, *extra):
     return out
 
 
+def assert_weights_close(ours: dict, reference: dict, atol=1e-5):
+    """Every weight within `atol` (< 1e-6 measured for most), but two that AdamW moves by rounding noise: the key bias
+    (softmax ignores a shift of the scores, so its exact gradient is 0 and what remains is rounding, which Adam scales
+    to full-size steps) and the rows of wte whose tokens never occur (a gradient of ~1/V from the tied lm_head). Inductor
+    rounds differently from eager kernels: 1.2e-5 and 1.4e-5 there after 20 steps (measured)."""
+    assert ours.keys() == reference.keys()
+    for name, p in reference.items():
+        noisy = name.endswith("attn.c_attn.bias") or name == "transformer.wte.weight"
+        assert (ours[name] - p).abs().max().item() < (5 * atol if noisy else atol), name
+
+
 def assert_same_run(a, b, atol=1e-5):
     la, lb = rows(a, "train"), rows(b, "train")
     assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, STEPS + 1))
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) < atol
-    wa, wb = final_weights(a), final_weights(b)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < atol
+    assert_weights_close(final_weights(a), final_weights(b), atol)
 
 
 @pytest.mark.slow
@@ -376,3 +385,4 @@ def test_bf16_run_learns_saves_fp32_weights_and_stays_close_to_fp32(recipe_data,
     logits = [AutoModelForCausalLM.from_pretrained(run / "final", trust_remote_code=True)(x).logits
               for run in (out, eager_run)]  # fmt: skip
     assert (logits[0] - logits[1]).abs().max() < 0.5
+
