@@ -1,10 +1,14 @@
 """Judged chat evaluation: our chat model's answers against a baseline's on held-out prompts, compared pairwise by a
 judge model (Llama-3.1-405B-Instruct through HF Inference Providers by default, or any OpenAI-compatible server).
 
-Prompts: by default the conversations that `sft.py` held out (give the same --prompts, filters, --eval_size and
---seed as its run; sft.py's seed is TrainingArguments' 42 unless set): each conversation's turns before its first
-answer are the prompt, that answer is the teacher's (the baseline unless --baseline_model is given). Or a .txt file
-(one prompt per line) / a .jsonl/.csv/.parquet file with a --prompt_column, which needs --baseline_model.
+Prompts: by default the conversations that `sft.py` held out, made again from the `sft_split.json` it wrote into
+the model folder (dataset, filters, eval_size, seed, the held-out rows; refused if the dataset changed since), less
+any whose prompt also starts a training conversation: each conversation's turns before its first answer are the
+prompt, that answer is the teacher's (the baseline unless --baseline_model is given). Or --prompts: conversations
+(a Hub id or file, with --eval_size/--seed/filters to hold rows out as sft.py did, for a model without that record),
+a .txt file (one prompt per line) or a .jsonl/.csv/.parquet file with a --prompt_column, which needs
+--baseline_model. A prompt set that overlaps the model's training conversations is refused (--allow_train_overlap
+true judges it anyway).
 
 Judge (gpt2custom/judge.py): MT-Bench's pairwise prompt; the judgment must contain exactly one of [[A]], [[B]] or
 [[C]] (tie). Every prompt is judged in both orders (model first, baseline first) to cancel position bias; a win or
@@ -18,8 +22,7 @@ Outputs in --output_dir (rerun the same command to resume; a SIGKILL loses at mo
     chat_eval.json   win / tie / loss counts and rates with Wilson 95 % intervals, score, position consistency,
                      tokens, dollars and a few side-by-side examples (publish.py --chat_eval puts it on the card)
 
-    python eval_chat.py --model runs/sft-124m --prompts argilla/magpie-ultra-v1.0 --eval_size 2000 --max_prompts 300 \\
-        --price_per_m_input 3 --price_per_m_output 3
+    python eval_chat.py --model runs/sft-124m --max_prompts 300 --price_per_m_input 3 --price_per_m_output 3
     python eval_chat.py --model runs/sft-124m --prompts prompts.txt --baseline_model openai-community/gpt2 \\
         --base_url http://127.0.0.1:8080/v1 --judge_model local     # any OpenAI-compatible judge
 """
@@ -40,7 +43,16 @@ from gpt2custom.chat import ROLE_TOKENS, add_chat_format, fit_to_context
 from gpt2custom.checkpoints import load_model
 from gpt2custom.evaluation import write_json
 from gpt2custom.judge import ORDERS, JudgeFiles, PairwiseJudge, games_for, summarize
-from gpt2custom.sft_data import DEFAULT_DATASET, load_conversations, load_raw, messages_column_of, train_eval_split
+from gpt2custom.sft_data import (
+    MESSAGES_COLUMNS,
+    SPLIT_FILE,
+    load_conversations,
+    load_raw,
+    messages_column_of,
+    read_split_record,
+    rebuild_split,
+    train_eval_split,
+)
 from gpt2custom.synthetic import (
     DEFAULT_MODEL,
     FatalError,
@@ -61,8 +73,11 @@ class ChatEvalOptions:
     model: str = field(metadata={"help": "the chat model: sft.py's output folder or a Hub id"})
     output_dir: str = field(default="runs/chat_eval", metadata={"help": "answers, verdicts and the summary"})
     # Prompts
-    prompts: str = field(default=DEFAULT_DATASET, metadata={"help": "conversations (Hub id or file, as sft.py's "
-                                                                    "--dataset_name), or a .txt / prompt-column file"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "None: the prompts sft.py held out (the model folder's sft_split.json); or conversations (Hub id or "
+                "file, as sft.py's --dataset_name), or a .txt / prompt-column file"})
+    allow_train_overlap: bool = field(default=False, metadata={
+        "help": "judge --prompts even when some of them started conversations the model trained on"})
     dataset_config: str | None = None
     dataset_split: str = "train"
     messages_column: str | None = None
@@ -119,10 +134,40 @@ class ChatEvalOptions:
 
 def load_items(o: ChatEvalOptions) -> list[dict]:
     """``{"prompt_id", "messages" (up to the first answer), "question" (the user turn), "reference"}`` per prompt;
-    ``reference`` is the teacher's answer, or None for plain prompts."""
+    ``reference`` is the teacher's answer, or None for plain prompts. None of them started a conversation the model
+    trained on, unless --allow_train_overlap."""
+    record_path = Path(o.model) / SPLIT_FILE
+    record = read_split_record(o.model) if Path(o.model).is_dir() else None
+    if o.prompts is None:
+        if record is None:
+            raise ValueError(f"--model {o.model} has no {SPLIT_FILE} (sft.py writes it): pass --prompts, with "
+                             "sft.py's --eval_size, --seed and filters for conversations")
+        train, held_out = rebuild_split(record, str(record_path))
+        if len(held_out) == 0:
+            raise ValueError(f"{record_path}: the run held nothing out (eval_size {record['eval_size']})")
+        items = _dedup([_conversation_item(messages) for messages in held_out["messages"]])
+        trained = _questions(train)
+        fresh = [item for item in items if _key(item) not in trained]
+        if len(fresh) < len(items):
+            print(f"{len(items) - len(fresh)} held-out prompts also start a training conversation of "
+                  f"{record['dataset']} (duplicates in the dataset): left out", flush=True)
+        return fresh[: o.max_prompts]
+    items = _items_from_prompts(o)[: o.max_prompts]
+    if record is not None:
+        trained = _questions(rebuild_split(record, str(record_path))[0])
+        overlap = sum(_key(item) in trained for item in items)
+        if overlap and not o.allow_train_overlap:
+            raise ValueError(f"{overlap} of {len(items)} prompts of --prompts {o.prompts} start conversations "
+                             f"{o.model} trained on ({record_path}): leave out --prompts to judge the prompts it "
+                             "held out, or pass --allow_train_overlap true")
+    return items
+
+
+def _items_from_prompts(o: ChatEvalOptions) -> list[dict]:
     path = Path(o.prompts)
     if path.suffix != ".txt":
-        raw = load_raw(o.prompts, config=o.dataset_config, split=o.dataset_split)
+        wanted = {*MESSAGES_COLUMNS, o.messages_column, o.prompt_column} - {None}
+        raw = load_raw(o.prompts, config=o.dataset_config, split=o.dataset_split, columns=wanted)
         try:
             messages_column_of(raw, o.prompts, o.messages_column)
         except ValueError:
@@ -134,12 +179,20 @@ def load_items(o: ChatEvalOptions) -> list[dict]:
             _, held_out = train_eval_split(dataset, o.eval_size, seed=o.seed)
             if held_out is None:
                 raise ValueError("--eval_size 0 holds nothing out: give sft.py's --eval_size")
-            items = [_conversation_item(row["messages"]) for row in held_out]
-            return _dedup(items)[: o.max_prompts]
-    prompts = load_prompts(o.prompts, o.prompt_column, o.dataset_config, o.dataset_split)
-    items = [{"prompt_id": p.prompt_id, "messages": [{"role": "user", "content": p.user}], "question": p.user,
-              "reference": None} for p in prompts]
-    return items[: o.max_prompts]
+            return _dedup([_conversation_item(row["messages"]) for row in held_out])
+    prompts = load_prompts(o.prompts, o.prompt_column, o.dataset_config, o.dataset_split, max_prompts=o.max_prompts)
+    return [{"prompt_id": p.prompt_id, "messages": [{"role": "user", "content": p.user}], "question": p.user,
+             "reference": None} for p in prompts]
+
+
+def _key(item: dict) -> str:
+    """What makes two prompts the same for the overlap check: the user's question, whitespace aside."""
+    return " ".join(item["question"].split())
+
+
+def _questions(conversations) -> set[str]:
+    """The keys of the prompts that start `conversations` (a Dataset with `messages`)."""
+    return {_key(_conversation_item(messages)) for messages in conversations["messages"]}
 
 
 def _conversation_item(messages: list[dict]) -> dict:
@@ -227,7 +280,8 @@ def collect_answers(items: list[dict], o: ChatEvalOptions, out_dir: Path) -> lis
 # -- the run -----------------------------------------------------------------------------------------------------------
 
 RUN_KEYS = ("model", "baseline_model", "prompts", "dataset_config", "dataset_split", "eval_size", "seed",
-            "judge_model", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "generation_seed")
+            "judge_model", "base_url", "provider", "judge_max_tokens",  # the judge is its server too, not its name
+            "max_new_tokens", "temperature", "top_p", "repetition_penalty", "generation_seed")
 
 
 def check_same_run(o: ChatEvalOptions, out_dir: Path):
@@ -270,11 +324,13 @@ def summary(o: ChatEvalOptions, items: list[dict], files: JudgeFiles) -> dict:
     stats.pop("prompts")  # the count; the prompts' description below says it
     return {
         "model": o.model,
-        "baseline": o.baseline_model or f"reference answers of {o.prompts}",
+        "baseline": o.baseline_model or f"reference answers of {o.prompts or 'the held-out conversations'}",
         "judge": {"model": o.judge_model, "endpoint": o.base_url or (o.provider or "HF Inference Providers (auto)"),
                   "prompt": "MT-Bench pairwise (pair-v2), both orders", "max_tokens": o.judge_max_tokens},
-        "prompts": {"source": o.prompts, "held_out": o.eval_size if Path(o.prompts).suffix != ".txt" else None,
-                    "seed": o.seed, "n": len(items)},
+        "prompts": ({"source": f"{o.model}/{SPLIT_FILE}", "held_out": "by sft.py", "n": len(items)}
+                    if o.prompts is None else
+                    {"source": o.prompts, "held_out": o.eval_size if Path(o.prompts).suffix != ".txt" else None,
+                     "seed": o.seed, "n": len(items)}),
         "generation": {k: getattr(o, k) for k in ("max_new_tokens", "temperature", "top_p", "repetition_penalty",
                                                   "generation_seed")},
         **stats,
@@ -320,7 +376,7 @@ def main(o: ChatEvalOptions):
     items = load_items(o)
     if not items:
         raise ValueError(f"--prompts {o.prompts}: no prompts to evaluate")
-    if o.baseline_model is None and any(item["reference"] is None for item in items):
+    if o.baseline_model is None and any(item["reference"] is None for item in items):  # a .txt or prompt column
         raise ValueError(f"--prompts {o.prompts} has no reference answers: pass --baseline_model")
     check_same_run(o, out_dir)
     pairs = collect_answers(items, o, out_dir)

@@ -3,7 +3,8 @@ through lm-evaluation-harness, side by side.
 
 Any number of models in one call: our checkpoint folders, a stock GPT2LMHeadModel export, or a Hub causal LM
 (`openai-community/gpt2`). HellaSwag validation (10,042 examples, zero-shot) is downloaded once into the cache
-(`$GPT2CUSTOM_CACHE/hellaswag`); `--hellaswag_path` takes a local jsonl/parquet instead.
+(`$GPT2CUSTOM_CACHE/hellaswag`) from the Hub's Parquet export of Rowan/hellaswag (revision refs/convert/parquet,
+which lm-eval's hellaswag task reads too); `--hellaswag_path` takes a local jsonl/parquet instead.
 
 Conventions (they give different numbers for the same model; every number says which one it is):
   completion  build-nanogpt / llm.c: raw ctx, " " + ending, acc by summed loss, acc_norm by mean loss per token
@@ -55,7 +56,14 @@ from gpt2custom.evaluation import (
     run_lm_eval,
     write_json,
 )
-from gpt2custom.hellaswag import CONVENTIONS, GITHUB_URLS, evaluate_hellaswag, load_hellaswag
+from gpt2custom.hellaswag import (
+    CONVENTIONS,
+    HUB_DATASET,
+    HUB_REVISION,
+    evaluate_hellaswag,
+    lm_eval_hub_task,
+    load_hellaswag,
+)
 from gpt2custom.tokenizer import load_tokenizer
 
 
@@ -113,16 +121,35 @@ def tokenizer_for(model_name: str, override: str | None):
 
 
 def lm_eval_include_paths(args: EvalArgs) -> list[str]:
-    """--include_path, plus a folder of task files pointing the --task_data tasks at their local files (written
-    into --out_dir, a record of what was scored)."""
+    """--include_path, plus a folder of task files (written into --out_dir, a record of what was scored) pointing
+    the --task_data tasks at their local files, and hellaswag without one at the Hub's Parquet export."""
     paths = [args.include_path] if args.include_path else []
-    if args.task_data:
+    local = dict(item.split("=") for item in args.task_data)
+    if local or "hellaswag" in args.tasks:
         folder = Path(args.out_dir) / "lm_eval_tasks"
-        for item in args.task_data:
-            task, data_file = item.split("=")
+        for task, data_file in local.items():
             local_task_file(folder, task, data_file)
+        if "hellaswag" in args.tasks and "hellaswag" not in local and not args.include_path:
+            lm_eval_hub_task(folder)
         paths.append(str(folder))
     return paths
+
+
+def dataset_error(error: BaseException) -> str | None:
+    """One line for an lm-eval task whose Hub dataset cannot be loaded (a loading script that datasets 4+ refuses,
+    a missing repo, no network), naming the dataset and the fix; None for any other error."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    script = isinstance(error, RuntimeError) and "Dataset scripts are no longer supported" in str(error)
+    if not (script or isinstance(error, (DatasetNotFoundError, ConnectionError))):
+        return None
+    dataset, frame = None, error.__traceback__
+    while frame is not None:  # the innermost load_dataset call names the dataset
+        if frame.tb_frame.f_code.co_name in ("load_dataset", "load_dataset_builder"):
+            dataset = frame.tb_frame.f_locals.get("path", dataset)
+        frame = frame.tb_next
+    return (f"lm-eval cannot load the Hub dataset {dataset or '(unknown)'} for --tasks: {error}. Pass a local copy "
+            "in the Hub dataset's format with --task_data TASK=FILE, or leave that task out of --tasks")
 
 
 def evaluate_model(name: str, args: EvalArgs, examples: list[dict], accelerator: Accelerator,
@@ -136,9 +163,14 @@ def evaluate_model(name: str, args: EvalArgs, examples: list[dict], accelerator:
         row[f"hellaswag_{convention}"] = {"acc": result["acc"], "acc_norm": result["acc_norm"]}
         accelerator.print(f"{name}: hellaswag {convention} acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}")
     if args.tasks:
-        summary = run_lm_eval(model, tokenizer, args.tasks, include_path=include_paths,
-                              limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.lm_eval_batch_size,
-                              bootstrap_iters=args.bootstrap_iters)
+        try:
+            summary = run_lm_eval(model, tokenizer, args.tasks, include_path=include_paths,
+                                  limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.lm_eval_batch_size,
+                                  bootstrap_iters=args.bootstrap_iters)
+        except (RuntimeError, ConnectionError, FileNotFoundError) as e:
+            if (line := dataset_error(e)) is None:
+                raise
+            raise ValueError(line) from e
         row["lm_eval"] = summary.pop("scores")
         lm_eval_info.update(summary)
         for task, scores in row["lm_eval"].items():
@@ -181,7 +213,7 @@ def main(argv=None):
         raise SystemExit(f"eval_hellaswag.py: error: {e}") from None
     if accelerator.is_main_process:
         out_dir = Path(args.out_dir)
-        source = args.hellaswag_path or GITHUB_URLS.get(args.split)
+        source = args.hellaswag_path or f"{HUB_DATASET} ({HUB_REVISION})"
         hellaswag = {"split": args.split, "n": len(examples), "limit": args.limit, "source": source}
         write_json(out_dir / "eval_results.json", {
             **({"hellaswag": hellaswag} if args.conventions else {}),

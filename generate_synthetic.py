@@ -134,7 +134,8 @@ class SyntheticOptions:
 
 def build_prompts(options: SyntheticOptions) -> list[Prompt]:
     if options.prompts:
-        prompts = load_prompts(options.prompts, options.prompt_column, options.dataset_config, options.dataset_split)
+        prompts = load_prompts(options.prompts, options.prompt_column, options.dataset_config, options.dataset_split,
+                               max_prompts=options.max_prompts)
     else:
         topics = SEED_TOPICS
         if options.topics_file:

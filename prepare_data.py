@@ -4,7 +4,9 @@ Sources (`--source`):
   * a Hub dataset id (default `HuggingFaceFW/fineweb-edu`, config `sample-10BT`: ~10B GPT-2 tokens), read with
     `datasets` (streamed by default) from `--split` and `--text_column`;
   * local `.txt` / `.jsonl` / `.parquet` files: a path, a folder, or a glob (quote it); a .txt file is one document
-    (`--text_sample_by paragraph|line` splits it);
+    (`--text_sample_by paragraph|line` splits it); a folder with `--source_config` is a snapshot of a Hub dataset
+    repo (`hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*"`), read as the Hub
+    reads it: only the files its README's `configs` give that config;
   * `stdlib`: the offline corpus every machine has, Python's own help topics (the language reference) and
     standard-library sources, found through `sysconfig`, in a fixed hash order (CPython 3.11: 1,953 documents,
     32 MB, 15.6M tokens). Real English and real code, enough for the smoke pipeline with no network.
@@ -136,7 +138,7 @@ def is_local(source: str) -> bool:
 
 def open_source(opts: PrepareDataArguments):
     """(IterableDataset, its text column, a description of the source for the manifest)."""
-    from datasets import IterableDataset, load_dataset
+    from datasets import IterableDataset, load_dataset, load_dataset_builder
 
     column = opts.text_column
     if opts.source == "stdlib":
@@ -144,6 +146,19 @@ def open_source(opts: PrepareDataArguments):
         dataset = IterableDataset.from_generator(stdlib_examples, gen_kwargs={"names": names})
         description = {"name": "stdlib", "python": platform.python_version(), "documents": len(names)}
         column = "text"
+    elif Path(opts.source).is_dir() and opts.source_config is not None:
+        # A snapshot of a Hub dataset repo (`hf download --repo-type dataset`): its card's `configs` say which files
+        # make the config, as on the Hub (FineWeb-Edu's sample-10BT is sample/10BT/*, not the whole tree).
+        try:
+            builder = load_dataset_builder(opts.source, name=opts.source_config)
+            files = builder.config.data_files[opts.split]
+        except (ValueError, KeyError) as e:  # an unknown config or split, or a card that defines no configs
+            raise SystemExit(f"--source {opts.source} --source_config {opts.source_config} --split {opts.split}: "
+                             f"{e!r} (the folder's README.md `configs` name the configs and their files)") from e
+        dataset = builder.as_streaming_dataset(split=opts.split)
+        description = {"name": opts.source, "config": opts.source_config, "split": opts.split,
+                       "files": [str(Path(f).relative_to(Path(opts.source).resolve())) for f in files],
+                       "text_column": column}
     elif is_local(opts.source):
         files = local_files(opts.source)
         builder = LOCAL_BUILDERS[Path(files[0]).suffix]

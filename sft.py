@@ -11,7 +11,9 @@ Base model: a `pretrain.py` output folder (e.g. `runs/gpt2-124m/final`) or a Hub
 `trust_remote_code=True`). Output: `output_dir` is an HF model folder (weights, config with `auto_map`, the two model
 files, tokenizer with `chat_template.jinja`, generation config) that loads with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`, plus `trainer_state.json` (the logged losses) and
-`eval_results.json`. `--push_to_hub true --hub_model_id org/name` uploads it and replaces TRL's README with our card.
+`eval_results.json`, and `sft_split.json`: how the train / held-out split was made (dataset, filters, eval_size,
+seed, held-out rows, a hash of the training rows) and what was dropped (no assistant turn, unsafe, filters, longer
+than max_length), which `eval_chat.py --model <folder>` reads to judge only held-out prompts. `--push_to_hub true --hub_model_id org/name` uploads it and replaces TRL's README with our card.
 
     accelerate launch sft.py --config configs/sft-124m.yaml                      # GPUs, bf16
     accelerate launch sft.py --config configs/sft-124m.yaml --dataset_name data/synthetic/llama405b.jsonl \\
@@ -37,7 +39,15 @@ from gpt2custom.chat import load_chat_tokenizer, stop_token_ids
 from gpt2custom.checkpoints import load_model
 from gpt2custom.distributed import shutdown
 from gpt2custom.hub import write_model_card
-from gpt2custom.sft_data import DEFAULT_DATASET, load_conversations, train_eval_split
+from gpt2custom.sft_data import (
+    DEFAULT_DATASET,
+    LONG_CONVERSATIONS,
+    fit_to_max_length,
+    select_conversations,
+    split_record,
+    train_eval_split,
+    write_split_record,
+)
 
 # Our defaults for a GPT-2 sized model where TRL's (tuned for 1-8B models) do not fit; YAML and CLI override them.
 RECIPE = dict(
@@ -50,7 +60,7 @@ RECIPE = dict(
     per_device_train_batch_size=16,  # packed rows of max_length tokens each
     per_device_eval_batch_size=16,
     max_length=1024,  # the model's context: the length of a packed row
-    packing=True,  # best-fit decreasing: conversations stay whole, no attention across them
+    packing=True,  # best-fit decreasing, no attention across conversations; longer ones: see long_conversations
     assistant_only_loss=True,  # train on the answers, not on the prompts
     activation_checkpointing=False,  # TRL turns it on; a 124M model fits without it and runs ~20 % faster
     ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph traversal
@@ -86,6 +96,14 @@ class SFTScriptArgs:
         metadata={"help": "Keep rows whose 'difficulty' label is at most this ('very easy' .. 'very hard'; magpie)."},
     )
     max_samples: int | None = field(default=None, metadata={"help": "Train on a random subset of this many rows."})
+    keep_unsafe: bool = field(
+        default=False, metadata={"help": "Keep rows whose 'guard' column (Llama Guard, magpie) says unsafe."}
+    )
+    long_conversations: str = field(
+        default="drop",
+        metadata={"help": "Conversations longer than max_length: 'drop' them (counted; the rest stay whole) or "
+                  "'truncate' them at max_length (TRL's packing does; counted, with the tokens cut)."},
+    )
     eval_size: float = field(
         default=0.01, metadata={"help": "Held-out rows: a fraction when < 1, a count otherwise; 0 = no evaluation."}
     )
@@ -103,24 +121,61 @@ def device_defaults() -> dict:
     return dict(use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported())
 
 
+def split_settings(script_args: SFTScriptArgs, seed: int) -> dict:
+    """What decides which rows train and which are held out (the split record's settings)."""
+    return {"dataset": script_args.dataset_name, "config": script_args.dataset_config,
+            "split": script_args.dataset_split, "messages_column": script_args.messages_column,
+            "min_quality": script_args.min_quality, "max_difficulty": script_args.max_difficulty,
+            "keep_unsafe": script_args.keep_unsafe, "max_samples": script_args.max_samples,
+            "eval_size": script_args.eval_size, "seed": seed}
+
+
 def load_data(script_args: SFTScriptArgs, seed: int):
-    dataset = load_conversations(
-        script_args.dataset_name,
-        config=script_args.dataset_config,
-        split=script_args.dataset_split,
-        messages_column=script_args.messages_column,
-        min_quality=script_args.min_quality,
-        max_difficulty=script_args.max_difficulty,
-        max_samples=script_args.max_samples,
-        seed=seed,
-    )
-    return train_eval_split(dataset, script_args.eval_size, seed=seed)
+    """(train rows, held-out rows or None, the split record): conversations without an assistant turn, flagged
+    unsafe or filtered out are dropped and counted in the record."""
+    settings = split_settings(script_args, seed)
+    selection = select_conversations(
+        settings["dataset"], config=settings["config"], split=settings["split"],
+        messages_column=settings["messages_column"], min_quality=settings["min_quality"],
+        max_difficulty=settings["max_difficulty"], keep_unsafe=settings["keep_unsafe"],
+        max_samples=settings["max_samples"], seed=seed)
+    train, held_out = train_eval_split(selection.dataset, script_args.eval_size, seed=seed)
+    return train, held_out, split_record(settings, selection, train, held_out)
+
+
+def fit_lengths(train_set, eval_set, tokenizer, script_args: SFTScriptArgs, args: SFTConfig):
+    """Both sets with the long_conversations policy applied; the counts per set."""
+    stats = {}
+    if args.max_length is None:
+        return train_set, eval_set, stats
+    train_set, stats["train"] = fit_to_max_length(train_set, tokenizer, args.max_length,
+                                                  script_args.long_conversations, args.dataset_num_proc)
+    if eval_set is not None:
+        eval_set, stats["eval"] = fit_to_max_length(eval_set, tokenizer, args.max_length,
+                                                    script_args.long_conversations, args.dataset_num_proc)
+    return train_set, eval_set, stats
+
+
+def describe_data(record: dict, lengths: dict) -> str:
+    """One line of what the run trains on and what it dropped or truncated."""
+    counts = record["counts"]
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in counts["dropped"].items()) or "none"
+    line = f"{counts['source_rows']:,} rows in {record['dataset']}; dropped: {dropped}"
+    for name, s in lengths.items():
+        if s["dropped"]:
+            line += f"; {name}: {s['dropped']:,} conversations longer than {s['max_length']} tokens dropped"
+        if s["truncated"]:
+            line += (f"; {name}: {s['truncated']:,} conversations truncated at {s['max_length']} tokens "
+                     f"({s['tokens_cut']:,} tokens cut)")
+    return line
 
 
 def run_summary(
-    args: SFTConfig, state: TrainerState, script_args: SFTScriptArgs, model_args: ModelConfig, eval_metrics: dict
+    args: SFTConfig, state: TrainerState, script_args: SFTScriptArgs, model_args: ModelConfig, eval_metrics: dict,
+    data: dict | None = None,
 ) -> dict:
-    """What the model card shows about this run (`write_model_card`'s `training`)."""
+    """What the model card shows about this run (`write_model_card`'s `training`); `data`: the rows dropped and the
+    conversations dropped or truncated for length (`sft_split.json`'s counts and lengths)."""
     train_log = next((log for log in reversed(state.log_history) if "train_runtime" in log), {})
     tokens = next((log["num_tokens"] for log in reversed(state.log_history) if "num_tokens" in log), None)
     return {
@@ -130,11 +185,14 @@ def run_summary(
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "num_processes": args.world_size,
         "val_loss": eval_metrics.get("eval_loss"),
+        "data": data,
         "config": {
             "base_model": model_args.model_name_or_path,
             "dataset": script_args.dataset_name,
             "min_quality": script_args.min_quality,
             "max_difficulty": script_args.max_difficulty,
+            "keep_unsafe": script_args.keep_unsafe,
+            "long_conversations": script_args.long_conversations,
             "learning_rate": args.learning_rate,
             "lr_scheduler_type": str(args.lr_scheduler_type),
             "warmup_steps": args.warmup_steps,
@@ -157,8 +215,11 @@ def load_inputs(script_args: SFTScriptArgs, training_args: SFTConfig, model_args
     """The base model, its tokenizer with the chat format, and the train / held-out conversations."""
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required (a pretrain.py output folder or a Hub repo)")
+    if script_args.long_conversations not in LONG_CONVERSATIONS:
+        raise ValueError(f"--long_conversations {script_args.long_conversations!r}: expected one of "
+                         f"{list(LONG_CONVERSATIONS)}")
     with training_args.main_process_first(desc="loading the dataset"):  # rank 0 downloads and caches
-        train_set, eval_set = load_data(script_args, training_args.seed)
+        train_set, eval_set, record = load_data(script_args, training_args.seed)
     # Mixed precision keeps fp32 master weights; a bf16 checkpoint would otherwise train in pure bf16.
     model = load_model(
         model_args.model_name_or_path,
@@ -177,7 +238,13 @@ def load_inputs(script_args: SFTScriptArgs, training_args: SFTConfig, model_args
             f"max_length={training_args.max_length} is longer than the model's context "
             f"({model.config.max_position_embeddings} tokens)"
         )
-    return model, tokenizer, train_set, eval_set
+    with training_args.main_process_first(desc="counting tokens"):
+        train_set, eval_set, record["lengths"] = fit_lengths(train_set, eval_set, tokenizer, script_args,
+                                                             training_args)
+    # TRL's tokenization keeps the extra column and its packing drops it; the record has the row numbers.
+    train_set = train_set.remove_columns("row")
+    eval_set = eval_set.remove_columns("row") if eval_set is not None else None
+    return model, tokenizer, train_set, eval_set, record
 
 
 def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: ModelConfig):
@@ -187,12 +254,15 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
         f"process(es), {state.distributed_type}"
     )
     try:
-        model, tokenizer, train_set, eval_set = load_inputs(script_args, training_args, model_args)
+        model, tokenizer, train_set, eval_set, record = load_inputs(script_args, training_args, model_args)
     except (ValueError, OSError) as e:  # bad or unreachable model or data: one line, not a traceback
         sys.exit(f"sft.py: {e}")
     if eval_set is None:
         training_args.eval_strategy = IntervalStrategy.NO
+    state.print(describe_data(record, record["lengths"]))
     state.print(f"{len(train_set):,} training conversations, {len(eval_set) if eval_set else 0:,} held out")
+    if state.is_main_process:  # before training: eval_chat.py can tell held-out prompts even from a killed run
+        write_split_record(training_args.output_dir, record)
 
     trainer = SFTTrainer(
         model=model,
@@ -223,7 +293,8 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
                 model_id=trainer.hub_model_id,
                 base_model=model_args.model_name_or_path if is_hub_id(model_args.model_name_or_path) else None,
                 datasets=[script_args.dataset_name] if is_hub_id(script_args.dataset_name) else [],
-                training=run_summary(training_args, trainer.state, script_args, model_args, eval_metrics),
+                training=run_summary(training_args, trainer.state, script_args, model_args, eval_metrics,
+                                     {"counts": record["counts"], "lengths": record["lengths"]}),
                 eval_json=script_args.eval_json,
                 tags=("trl", "sft", "chat"),
             )

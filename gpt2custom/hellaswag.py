@@ -11,8 +11,10 @@ The two conventions give different numbers for the same model, so every number w
   log-likelihood divided by the character length of the preprocessed ending.
   Published, GPT-2 124M: acc 28.92 / acc_norm 31.14.
 
-Data: ``load_hellaswag()`` downloads the original jsonl from GitHub (or, failing that, the ``Rowan/hellaswag``
-parquet through ``datasets``) into a cache once; a local ``.jsonl`` / ``.parquet`` path or any URL overrides it.
+Data: ``load_hellaswag()`` reads ``Rowan/hellaswag`` through ``datasets`` from the Hub's Parquet export (revision
+``refs/convert/parquet``: the repo's main branch holds only a loading script, which datasets 4+ refuses) or, failing
+that, the original jsonl from GitHub, into a cache once; a local ``.jsonl`` / ``.parquet`` path or any URL overrides
+it. ``lm_eval_hub_task`` points lm-evaluation-harness's own ``hellaswag`` task at the same export.
 
 Speed (``score_endings``): examples are sorted by length and batched; each context runs through the model once and
 its key/value cache is repeated for the four endings; log-probabilities (and, for GPT-2-style heads, lm_head itself)
@@ -46,6 +48,8 @@ GITHUB_URLS = {
     for split, name in (("train", "train"), ("validation", "val"), ("test", "test"))
 }
 HUB_DATASET = "Rowan/hellaswag"
+# The Hub's automatic Parquet export of the dataset: main holds only hellaswag.py, a script datasets 4+ will not run.
+HUB_REVISION = "refs/convert/parquet"
 REQUIRED_KEYS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
 NUM_ENDINGS = 4
 CONVENTIONS = ("completion", "harness")
@@ -61,8 +65,8 @@ def load_hellaswag(path: "str | Path | None" = None, split: str = "validation", 
     """HellaSwag examples as dicts (``ctx, ctx_a, ctx_b, activity_label, endings`` (4), ``label`` (int), ...).
 
     ``path``: a local ``.jsonl`` or ``.parquet`` file, an ``http(s)://`` URL of a jsonl (downloaded into the cache),
-    or None for the official ``split`` (GitHub jsonl, else the Hub parquet), cached under ``cache_dir``
-    (default ``$GPT2CUSTOM_CACHE/hellaswag``)."""
+    or None for the official ``split`` (the Hub's Parquet export of ``Rowan/hellaswag``, else the GitHub jsonl),
+    cached under ``cache_dir`` (default ``$GPT2CUSTOM_CACHE/hellaswag``) as jsonl."""
     cache = Path(cache_dir) if cache_dir else default_cache_root() / "hellaswag"
     if path is not None and not str(path).startswith(("http://", "https://")):
         return read_examples(path)
@@ -70,20 +74,45 @@ def load_hellaswag(path: "str | Path | None" = None, split: str = "validation", 
         raise ValueError(f"unknown HellaSwag split {split!r}; expected one of {sorted(GITHUB_URLS)}")
     url = str(path) if path is not None else GITHUB_URLS[split]
     target = cache / url.rsplit("/", 1)[-1]
-    if not target.exists():
+    if target.exists():
+        return read_examples(target)
+    if path is not None:  # the user named this URL: no silent substitute
+        try:
+            _download(url, target)
+        except OSError as e:
+            raise ValueError(f"cannot download HellaSwag from {url}: {e}") from e
+        return read_examples(target)
+    try:
+        _write_from_hub(split, target)
+    except Exception as hub_error:  # noqa: BLE001 - offline, Hub down, repo changed: try the original files
         try:
             _download(url, target)
         except OSError as github_error:
-            if path is not None:  # the user named this URL: no silent substitute
-                raise ValueError(f"cannot download HellaSwag from {url}: {github_error}") from github_error
-            try:
-                _write_from_hub(split, target)
-            except Exception as hub_error:
-                raise ValueError(
-                    f"cannot download HellaSwag {split!r}: {url} failed ({github_error}); the Hub dataset "
-                    f"{HUB_DATASET} failed ({hub_error}). Pass a local copy with --hellaswag_path FILE.jsonl"
-                ) from hub_error
+            raise ValueError(
+                f"cannot download HellaSwag {split!r}: the Hub dataset {HUB_DATASET} (revision {HUB_REVISION}) "
+                f"failed ({hub_error}); {url} failed ({github_error}). Pass a local copy with --hellaswag_path "
+                "FILE.jsonl"
+            ) from hub_error
     return read_examples(target)
+
+
+def lm_eval_hub_task(folder: "str | Path") -> Path:
+    """Write ``folder/hellaswag.yaml``: lm-eval's own ``hellaswag`` task (``include``d: prompts, choices and metrics
+    stay the harness's) reading ``Rowan/hellaswag`` from the Hub's Parquet export, which loads under datasets 4+
+    where the task's own ``load_dataset("Rowan/hellaswag")`` stops at the loading script. Pass ``folder`` as an
+    include path of the TaskManager; the task keeps its name."""
+    import lm_eval.tasks
+
+    config = {
+        "include": str(Path(lm_eval.tasks.__file__).parent / "hellaswag" / "hellaswag.yaml"),
+        "task": "hellaswag",
+        "dataset_path": HUB_DATASET,
+        "dataset_kwargs": {"revision": HUB_REVISION},
+    }
+    path = Path(folder) / "hellaswag.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")  # JSON is YAML
+    return path
 
 
 @contextmanager
@@ -110,7 +139,7 @@ def _write_from_hub(split: str, target: Path):
     """The Hub parquet, rewritten as the original jsonl so the cache has one format (labels stay strings)."""
     from datasets import load_dataset
 
-    rows = load_dataset(HUB_DATASET, split=split)
+    rows = load_dataset(HUB_DATASET, split=split, revision=HUB_REVISION)
     with _atomic_file(target, "w") as out:
         for row in rows:
             out.write(json.dumps(row) + "\n")
@@ -369,7 +398,7 @@ def evaluate_hellaswag(model, tokenizer, examples: list[dict], convention: str =
     else:
         with accelerator.split_between_processes(examples) as part:
             local = list(part)
-        if accelerator.num_processes > 1 and is_fsdp_module(model):
+        if accelerator.num_processes > 1:  # equal forwards: sharded models need them, pretrain.py checks in each
             def agree(n: int) -> int:
                 return int(accelerator.reduce(torch.tensor(n, device=accelerator.device), "max").item())
     counts = torch.zeros(3, dtype=torch.float64)

@@ -338,14 +338,17 @@ def first_user_turn(value) -> str | None:
     return None
 
 
-def load_prompts(source: str, column: str = "prompt", config: str | None = None, split: str = "train") -> list[Prompt]:
-    """Prompts from a .txt file (one per non-empty line), a .jsonl/.json/.csv/.parquet file, or a Hub dataset
-    (`column` holds a string or a list of {role, content} messages). Duplicates collapse into one prompt id."""
+def load_prompts(source: str, column: str = "prompt", config: str | None = None, split: str = "train",
+                 max_prompts: int | None = None) -> list[Prompt]:
+    """The first `max_prompts` distinct prompts (all when None) of a .txt file (one per non-empty line), a
+    .jsonl/.json/.csv/.parquet file, or a Hub dataset (`column` holds a string or a list of {role, content}
+    messages). A Hub dataset is streamed, that column only, and read no further than those prompts. Duplicates
+    collapse into one prompt id."""
     path = Path(source)
     if path.suffix == ".txt":
         if not path.exists():
             raise ValueError(f"--prompts {source}: no such file")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        texts = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
     else:
         from datasets import load_dataset
 
@@ -355,16 +358,18 @@ def load_prompts(source: str, column: str = "prompt", config: str | None = None,
                 raise ValueError(f"--prompts {source}: no such file")
             dataset = load_dataset(builders[path.suffix], data_files=str(path), split="train")
         else:
-            dataset = load_dataset(source, config, split=split)
-        if column not in dataset.column_names:
+            dataset = load_dataset(source, config, split=split, streaming=True)
+        if dataset.column_names is not None and column not in dataset.column_names:
             raise ValueError(f"--prompts {source}: no column {column!r} (--prompt_column); columns: {dataset.column_names}")
-        texts = [first_user_turn(value) for value in dataset[column]]
+        texts = (first_user_turn(row[column]) for row in dataset.select_columns([column]))
     prompts, seen = [], set()
     for text in texts:
         text = (text or "").strip()
         if text and (pid := stable_id(text)) not in seen:
             seen.add(pid)
             prompts.append(Prompt(pid, text))
+            if max_prompts is not None and len(prompts) >= max_prompts:
+                break
     if not prompts:
         raise ValueError(f"--prompts {source}: no non-empty prompt found")
     return prompts

@@ -30,7 +30,7 @@ from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.distributed import run_with_deadline
 from gpt2custom.hub import write_model_card
-from gpt2custom.sft_data import check_conversations, load_conversations, train_eval_split
+from gpt2custom.sft_data import check_conversations, load_conversations, select_conversations, train_eval_split
 from gpt2custom.tokenizer import EOT_ID, load_tokenizer
 
 ANSWER = "Hello! I am a tiny model."
@@ -124,13 +124,12 @@ def test_unknown_role_is_one_error_naming_row_message_and_role(tmp_path):
         ([{"text": "Hello"}], r"no conversation column 'messages' or 'conversation'; columns are \['text'\]"),
         ([{"messages": "Hello"}], r"column 'messages' has type string; expected a list of \{'role'"),
         ([{"messages": [{"from": "human", "value": "Hi"}]}], r"column 'messages' has type list<item: struct<from"),
-        ([{"messages": hello("A")}, {"messages": hello("B")[:1]}], r"row 1 has no assistant message"),
         (
             [{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
             r"row 0, message 0: content is null",
         ),
     ],
-    ids=["no-messages-column", "not-a-list", "sharegpt-keys", "no-assistant-turn", "null-content"],
+    ids=["no-messages-column", "not-a-list", "sharegpt-keys", "null-content"],
 )
 def test_unusable_conversations_are_one_clear_error(tmp_path, rows, error):
     with pytest.raises(ValueError, match=error):
@@ -146,10 +145,16 @@ def test_unreadable_or_missing_file_names_the_file(tmp_path):
         load_conversations(str(tmp_path / "missing.jsonl"))
 
 
+def test_rows_without_an_assistant_turn_are_dropped_and_counted(tmp_path):
+    rows = [{"messages": hello(name)} for name in NAMES[:4]]
+    rows[1]["messages"] = rows[1]["messages"][:1]  # a user turn only: nothing to train on
+    selection = select_conversations(str(write_jsonl(tmp_path / "chat.jsonl", rows)))
+    assert selection.dataset["row"] == [0, 2, 3] and selection.counts["dropped"] == {"no assistant turn": 1}
+
+
 def test_row_numbers_count_across_check_batches():
     dataset = Dataset.from_list([{"messages": hello(str(i))} for i in range(7)] + [{"messages": hello("x")[:1]}])
-    with pytest.raises(ValueError, match="row 7 has no assistant"):
-        check_conversations(dataset, batch_size=3)
+    assert check_conversations(dataset, batch_size=3).tolist() == [True] * 7 + [False]
 
 
 def test_held_out_split_is_disjoint_and_covers_every_row():
