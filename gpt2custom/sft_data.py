@@ -73,13 +73,12 @@ def load_raw(source: str, *, config: str | None = None, split: str = "train", co
 
 
 def hub_parquet_columns(source: str, config: str | None, split: str) -> list[str] | None:
-    """The column names of a Hub dataset stored as Parquet (from its card, else from the footer of its first file
-    for `split`); None for other formats, where a column selection cannot be pushed into the reader."""
+    """The column names of a Hub dataset stored as Parquet, from the footer of its first file for `split` (a range
+    request: the card's `dataset_info` may be missing or stale); None for other formats, where a column selection
+    cannot be pushed into the reader."""
     builder = load_dataset_builder(source, name=config)
     if not isinstance(builder, Parquet):
         return None
-    if builder.info.features is not None:
-        return list(builder.info.features)
     files = (builder.config.data_files or {}).get(split)
     if not files:
         return None
