@@ -30,7 +30,13 @@ from gpt2custom.chat import CHAT_TEMPLATE, ROLE_TOKENS, add_chat_format, fit_to_
 from gpt2custom.checkpoints import save_model_folder
 from gpt2custom.distributed import run_with_deadline
 from gpt2custom.hub import write_model_card
-from gpt2custom.sft_data import check_conversations, load_conversations, select_conversations, train_eval_split
+from gpt2custom.sft_data import (
+    check_conversations,
+    fit_to_max_length,
+    load_conversations,
+    select_conversations,
+    train_eval_split,
+)
 from gpt2custom.tokenizer import EOT_ID, load_tokenizer
 
 ANSWER = "Hello! I am a tiny model."
@@ -150,6 +156,29 @@ def test_rows_without_an_assistant_turn_are_dropped_and_counted(tmp_path):
     rows[1]["messages"] = rows[1]["messages"][:1]  # a user turn only: nothing to train on
     selection = select_conversations(str(write_jsonl(tmp_path / "chat.jsonl", rows)))
     assert selection.dataset["row"] == [0, 2, 3] and selection.counts["dropped"] == {"no assistant turn": 1}
+
+
+def test_rows_llama_guard_flagged_unsafe_are_dropped_unless_kept(tmp_path):
+    guards = ["\n\nsafe", "\n\nunsafe\nS2", None, "\n\nunsafe\nS11", "\n\nsafe"]  # magpie-ultra's `guard`
+    Dataset.from_list([{"conversation": hello(NAMES[i]), "guard": g} for i, g in enumerate(guards)]).to_parquet(
+        tmp_path / "magpie.parquet")
+    dropped = select_conversations(str(tmp_path / "magpie.parquet"))
+    assert dropped.dataset["row"] == [0, 2, 4] and dropped.counts["dropped"] == {"flagged unsafe (guard)": 2}
+    kept = select_conversations(str(tmp_path / "magpie.parquet"), keep_unsafe=True)
+    assert kept.dataset["row"] == [0, 1, 2, 3, 4] and kept.counts["dropped"] == {}
+
+
+def test_conversations_longer_than_max_length_are_dropped_or_counted_as_truncated():
+    tokenizer = load_chat_tokenizer()
+    long = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": "word " * 60}]
+    dataset = Dataset.from_list([{"messages": hello("A")}, {"messages": long}, {"messages": hello("B", True)}])
+    sizes = [len(expected_tokens(tokenizer, row["messages"])[0]) for row in dataset]  # the format's spec, by hand
+    limit = 40
+    assert sizes[1] > limit >= max(sizes[0], sizes[2])
+    kept, stats = fit_to_max_length(dataset, tokenizer, limit, "drop")
+    assert kept["messages"] == [hello("A"), hello("B", True)] and stats["dropped"] == 1 and stats["truncated"] == 0
+    same, stats = fit_to_max_length(dataset, tokenizer, limit, "truncate")
+    assert len(same) == 3 and stats["truncated"] == 1 and stats["tokens_cut"] == sizes[1] - limit
 
 
 def test_row_numbers_count_across_check_batches():
