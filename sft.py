@@ -172,10 +172,10 @@ def describe_data(record: dict, lengths: dict) -> str:
 
 def run_summary(
     args: SFTConfig, state: TrainerState, script_args: SFTScriptArgs, model_args: ModelConfig, eval_metrics: dict,
-    data: dict | None = None,
+    data: str | None = None,
 ) -> dict:
-    """What the model card shows about this run (`write_model_card`'s `training`); `data`: the rows dropped and the
-    conversations dropped or truncated for length (`sft_split.json`'s counts and lengths)."""
+    """What the model card shows about this run (`write_model_card`'s `training`); `data`: what it trained on, the
+    rows dropped and the conversations dropped or truncated for length (`describe_data`)."""
     train_log = next((log for log in reversed(state.log_history) if "train_runtime" in log), {})
     tokens = next((log["num_tokens"] for log in reversed(state.log_history) if "num_tokens" in log), None)
     return {
@@ -185,7 +185,7 @@ def run_summary(
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
         "num_processes": args.world_size,
         "val_loss": eval_metrics.get("eval_loss"),
-        "data": data,
+        "SFT data": data,
         "config": {
             "base_model": model_args.model_name_or_path,
             "dataset": script_args.dataset_name,
@@ -294,7 +294,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
                 base_model=model_args.model_name_or_path if is_hub_id(model_args.model_name_or_path) else None,
                 datasets=[script_args.dataset_name] if is_hub_id(script_args.dataset_name) else [],
                 training=run_summary(training_args, trainer.state, script_args, model_args, eval_metrics,
-                                     {"counts": record["counts"], "lengths": record["lengths"]}),
+                                     describe_data(record, record["lengths"])),
                 eval_json=script_args.eval_json,
                 tags=("trl", "sft", "chat"),
             )

@@ -495,6 +495,7 @@ def test_model_card_for_a_pushed_run_shows_data_recipe_and_held_out_loss(sft_run
         script_args,
         model_args,
         eval_metrics,
+        sft.describe_data(record := json.loads((out / "sft_split.json").read_text()), record["lengths"]),
     )
     write_model_card(
         out,
@@ -509,6 +510,9 @@ def test_model_card_for_a_pushed_run_shows_data_recipe_and_held_out_loss(sft_run
     assert {"trl", "sft", "chat", "custom_code"} <= set(card.data.tags)
     assert f"| Optimizer steps | {STEPS} |" in card.text
     assert f"| Final validation loss | {eval_metrics['eval_loss']:.4f} |" in card.text
+    # what was trained on and dropped: the chat JSONL's one row generate_synthetic.py flagged as rejected
+    source_rows = record["counts"]["source_rows"]
+    assert f"| SFT data | {source_rows} rows in {chat_jsonl}; dropped: 1 rejected by generate_synthetic.py" in card.text
     for key, value in (
         ("learning_rate", "0.01"),
         ("assistant_only_loss", "True"),
