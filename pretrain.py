@@ -78,7 +78,9 @@ class PretrainArgs:
     muon_learning_rate: float | None = field(default=None, metadata={
         "help": "Muon's peak LR (AdamW units: its update is scaled to AdamW's RMS); default learning_rate"})  # fmt: skip
     # speed
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32 | fp64 (weights and math in float64: "
+                "tells rounding from a bug when two runs are compared)"})  # fmt: skip
     tf32: bool = True
     compile: bool = field(default=True, metadata={"help": "torch.compile the training forward (eval stays eager)"})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend (aot_eager: no C++ build)"})
@@ -275,7 +277,7 @@ class Pretrainer:
             config = GPT2CustomConfig.from_preset(args.model_preset, block_size=args.block_size, dropout=args.dropout)
             model = GPT2CustomForCausalLM(config)
         model.set_attn_implementation(args.attn_implementation)
-        return model.float().train()
+        return model.to(torch.float64 if args.precision == "fp64" else torch.float32).train()
 
     # ---------------------------------------------------------------- helpers
     def load_hellaswag(self):
@@ -438,8 +440,9 @@ class Pretrainer:
         if self.checkpoints.last_saved == step and not self.progress.after_step_pending:
             acc.print(f"checkpoint step {step} is already complete")
         elif not notice.save_fits(self.checkpoints.last_save_seconds):
-            acc.print(f"a save takes ~{self.checkpoints.last_save_seconds:.0f} s: past preempt_deadline_s="
-                      f"{notice.deadline_s:g}, so none; the last complete checkpoint stays")  # fmt: skip
+            acc.print(f"a save takes ~{self.checkpoints.last_save_seconds:.1f} s: past preempt_deadline_s="
+                      f"{notice.deadline_s:g}, so none; the last complete checkpoint stays", flush=True)  # fmt: skip
+            os._exit(EXIT_PREEMPTED)  # at once, on every rank (they agreed): nothing left to do in order
         else:
             self.check_finite_weights()
             self.checkpoints.save(step)
@@ -496,8 +499,14 @@ def main(argv=None):
         (args,) = TrlParser((PretrainArgs,)).parse_args_and_config(argv)
         trainer = Pretrainer(args)
         preempted = trainer.train()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad config, data or checkpoint: one line
-        if torch.distributed.is_initialized():
+    except Exception as e:
+        if trainer is not None and trainer.notice.reason is not None and not isinstance(e, FloatingPointError):
+            # Stopping for a notice, a peer has gone (its deadline, a hard kill): the last complete checkpoint stays.
+            print(f"pretrain.py: stopping for a notice: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            os._exit(EXIT_PREEMPTED)
+        if not isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
+            raise
+        if torch.distributed.is_initialized():  # bad config, data or checkpoint: one line
             # No orderly teardown: a barrier would wait for ranks that never hit the error; the launcher ends them.
             print(f"pretrain.py: {e}", file=sys.stderr, flush=True)
             sys.stdout.flush()

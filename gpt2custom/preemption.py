@@ -143,10 +143,15 @@ class Notice:
         return time.monotonic() - start if start is not None else 0.0
 
     def save_fits(self, expected_save_s: float | None) -> bool:
-        """Whether a save that took `expected_save_s` last time still fits in the deadline (unknown: it is tried)."""
-        if self.deadline_s is None or expected_save_s is None:
-            return True
-        return self.seconds_since_notice() + expected_save_s <= self.deadline_s
+        """Whether a save that took `expected_save_s` last time still fits in the deadline on every rank (unknown: it
+        is tried). A collective, so that the ranks all save or all skip."""
+        fits = (self.deadline_s is None or expected_save_s is None
+                or self.seconds_since_notice() + expected_save_s <= self.deadline_s)  # fmt: skip
+        if self.group is not None:
+            self._flag.fill_(not fits)
+            torch.distributed.all_reduce(self._flag, group=self.group)
+            fits = not self._flag.item()
+        return fits
 
     def _start_watchdog(self):
         if self.deadline_s is None:

@@ -376,3 +376,20 @@ def test_device_syncs_only_on_logged_steps_and_when_something_runs(shards, tmp_p
     assert code in (0, None)
     logged, with_work = [3, 6], [6]  # the config: logs every 3rd step; eval and checkpoint only at the last
     assert sorted(syncs) == sorted(logged + with_work), syncs
+
+
+def test_progress_bar_shows_the_time_left_of_max_time(tmp_path):
+    from accelerate import Accelerator
+
+    from conftest import reset_process_state
+    from gpt2custom.runlog import RunLogger, RunProgress
+
+    reset_process_state()
+    log = RunLogger(tmp_path, Accelerator(cpu=True), RunProgress(), tokens_per_step=1, max_steps=2, flops_per_token=1.0,
+                    peak_flops=None, price_per_gpu_hour=None, max_time=3725)  # fmt: skip
+    log.start()
+    log.step(torch.tensor(2.5), None, 1e-3)
+    left = log.bar.postfix.split("left=")[1].split(",")[0]
+    assert left in ("1:02:05", "1:02:04"), log.bar.postfix  # 3725 s = 1 h 2 min 5 s, less the moment it took
+    log.close()
+    reset_process_state()  # the Accelerator's process-wide state: later tests build their own
