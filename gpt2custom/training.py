@@ -17,9 +17,9 @@ def mixed_precision(precision: str, device: torch.device) -> str:
     """accelerate's `mixed_precision` for our `precision` option: auto = bf16 where the GPU has it, else fp32."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision={precision!r}: expected auto, bf16, fp16 or fp32")
-    return "no" if precision == "fp32" else precision
+    if precision not in ("bf16", "fp16", "fp32", "fp64"):
+        raise ValueError(f"precision={precision!r}: expected auto, bf16, fp16, fp32 or fp64")
+    return "no" if precision in ("fp32", "fp64") else precision
 
 
 def device_batches(loader, device: torch.device, pin_memory: bool = True):
