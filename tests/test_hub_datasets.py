@@ -4,6 +4,7 @@ local Hub (tests/fixtures/hub_server.py) that `huggingface_hub` and `datasets` r
 run with their default dataset ids and their own loading code; only where the Hub is changes."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,21 @@ def test_lm_eval_task_on_a_script_only_hub_dataset_is_one_line_naming_it(hub, fr
                                             str(tasks), "--conventions", "none", "--out_dir", str(tmp_path / "o")])
     message = str(stop.value.code)
     assert "\n" not in message and "Rowan/hellaswag" in message and "--task_data" in message, message
+
+
+@pytest.mark.skipif(os.environ.get("GPT2CUSTOM_TEST_LM_EVAL_SUITE") != "1",
+                    reason="indexing lm-eval's stock tasks takes ~12 s: GPT2CUSTOM_TEST_LM_EVAL_SUITE=1 runs it")
+def test_lm_eval_suite_without_task_data_loads_hellaswag_and_names_the_first_dataset_it_cannot_load(
+        hub, fresh_caches, tmp_path, tiny_checkpoint):
+    """The replica Hub has hellaswag but not allenai/ai2_arc (arc_easy, the suite's second task)."""
+    import eval_hellaswag
+
+    with pytest.raises(SystemExit) as stop:
+        run_main_here(eval_hellaswag.main, ["--models", str(tiny_checkpoint), "--tasks", "suite", "--conventions",
+                                            "none", "--limit", "2", "--out_dir", str(tmp_path / "o")])
+    message = str(stop.value.code)
+    assert "\n" not in message and "allenai/ai2_arc" in message and "--task_data" in message, message
+    assert "Rowan/hellaswag" not in message
 
 
 # ---------------------------------------------------------------------------------------------------- FineWeb-Edu
