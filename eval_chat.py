@@ -153,10 +153,10 @@ def load_items(o: ChatEvalOptions) -> list[dict]:
                   f"{record['dataset']} (duplicates in the dataset): left out", flush=True)
         return fresh[: o.max_prompts]
     items = _items_from_prompts(o)[: o.max_prompts]
-    if record is not None:
+    if record is not None and not o.allow_train_overlap:
         trained = _questions(rebuild_split(record, str(record_path))[0])
         overlap = sum(_key(item) in trained for item in items)
-        if overlap and not o.allow_train_overlap:
+        if overlap:
             raise ValueError(f"{overlap} of {len(items)} prompts of --prompts {o.prompts} start conversations "
                              f"{o.model} trained on ({record_path}): leave out --prompts to judge the prompts it "
                              "held out, or pass --allow_train_overlap true")

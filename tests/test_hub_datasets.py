@@ -135,19 +135,23 @@ def gpt2_tokens(tokenizer, texts) -> int:
     return sum(1 + len(ids) for ids in tokenizer(list(texts))["input_ids"])
 
 
-def test_prepare_data_reads_only_sample_10bt_from_the_hub_and_from_a_snapshot(hub, hub_root, tmp_path, tokenizer):
+def test_prepare_data_reads_only_the_configs_files_from_the_hub_and_from_a_snapshot(hub, hub_root, tmp_path,
+                                                                                     tokenizer):
     import prepare_data
 
-    sample = [row["text"] for path, rows in replicas.fineweb_rows().items() if path.startswith("sample/10BT/")
-              for row in rows]
+    rows = replicas.fineweb_rows()
+    texts = lambda prefix: [r["text"] for path, part in rows.items() if path.startswith(prefix) for r in part]  # noqa: E731
     snapshot = hub_root / replicas.FINEWEB / "main"  # what `hf download HuggingFaceFW/fineweb-edu` leaves
-    for name, source in (("hub", []), ("snapshot", ["--source", str(snapshot), "--source_config", "sample-10BT"])):
+    runs = (("hub", [], texts("sample/10BT/")),  # the default source: HuggingFaceFW/fineweb-edu, sample-10BT
+            ("snapshot", ["--source", str(snapshot), "--source_config", "sample-10BT"], texts("sample/10BT/")),
+            ("snapshot-default", ["--source", str(snapshot), "--source_config", "default"], texts("data/")))
+    for name, source, documents in runs:
         argv = [*source, "--out_dir", str(tmp_path / name), "--val_tokens", "200", "--shard_size", "5000",
                 "--num_proc", "1"]
         run_main_here(lambda a: prepare_data.main(prepare_data.parse_options(a)), argv)
         splits = json.loads((tmp_path / name / "manifest.json").read_text())["splits"]
-        assert sum(s["documents"] for s in splits.values()) == len(sample), name
-        assert sum(s["tokens"] for s in splits.values()) == gpt2_tokens(tokenizer, sample), name
+        assert sum(s["documents"] for s in splits.values()) == len(documents), name
+        assert sum(s["tokens"] for s in splits.values()) == gpt2_tokens(tokenizer, documents), name
 
 
 # --------------------------------------------------------------------------------------------------- magpie-ultra
@@ -233,7 +237,11 @@ def test_eval_chat_judges_only_prompts_sft_held_out_and_refuses_an_overlapping_s
         with pytest.raises(SystemExit) as stop:
             run_main_here(eval_chat.cli, [*common, "--prompts", replicas.MAGPIE, "--eval_size", "6", "--seed", "42",
                                           "--output_dir", str(tmp_path / "rebuilt")])
-    assert "trained on" in str(stop.value.code) and "--allow_train_overlap" in str(stop.value.code)
+        assert "trained on" in str(stop.value.code) and "--allow_train_overlap" in str(stop.value.code)
+        judge.questions.clear()
+        run_main_here(eval_chat.cli, [*common, "--prompts", replicas.MAGPIE, "--eval_size", "6", "--seed", "42",
+                                      "--allow_train_overlap", "true", "--output_dir", str(tmp_path / "told")])
+    assert {q.strip() for q in judge.questions} & trained  # judged as told, overlap and all
 
 
 def test_generate_synthetic_streams_only_the_prompts_it_needs(hub, fresh_caches, tmp_path):
