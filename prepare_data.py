@@ -4,9 +4,9 @@ Sources (`--source`):
   * a Hub dataset id (default `HuggingFaceFW/fineweb-edu`, config `sample-10BT`: ~10B GPT-2 tokens), read with
     `datasets` (streamed by default) from `--split` and `--text_column`;
   * local `.txt` / `.jsonl` / `.parquet` files: a path, a folder, or a glob (quote it); a .txt file is one document
-    (`--text_sample_by paragraph|line` splits it); a folder with `--source_config` is a snapshot of a Hub dataset
-    repo (`hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*"`), read as the Hub
-    reads it: only the files its README's `configs` give that config;
+    (`--text_sample_by paragraph|line` splits it); a folder whose README.md has `configs` is a snapshot of a Hub
+    dataset repo (`hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" README.md`),
+    read as the Hub reads it: only the files that the card gives `--source_config` (or its default config);
   * `stdlib`: the offline corpus every machine has, Python's own help topics (the language reference) and
     standard-library sources, found through `sysconfig`, in a fixed hash order (CPython 3.11: 1,953 documents,
     32 MB, 15.6M tokens). Real English and real code, enough for the smoke pipeline with no network.
@@ -132,6 +132,16 @@ def local_files(pattern: str) -> list[str]:
     return files
 
 
+def card_configs(folder: Path) -> list:
+    """The `configs` of the dataset card (README.md) of a folder: a snapshot of a Hub dataset repo has them."""
+    from huggingface_hub import DatasetCard
+
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return []
+    return DatasetCard.load(readme).data.get("configs") or []
+
+
 def is_local(source: str) -> bool:
     return Path(source).exists() or any(c in source for c in "*?[") or Path(source).suffix in LOCAL_BUILDERS
 
@@ -146,9 +156,10 @@ def open_source(opts: PrepareDataArguments):
         dataset = IterableDataset.from_generator(stdlib_examples, gen_kwargs={"names": names})
         description = {"name": "stdlib", "python": platform.python_version(), "documents": len(names)}
         column = "text"
-    elif Path(opts.source).is_dir() and opts.source_config is not None:
+    elif Path(opts.source).is_dir() and (opts.source_config is not None or card_configs(Path(opts.source))):
         # A snapshot of a Hub dataset repo (`hf download --repo-type dataset`): its card's `configs` say which files
-        # make the config, as on the Hub (FineWeb-Edu's sample-10BT is sample/10BT/*, not the whole tree).
+        # make the config (the card's default one without --source_config), as on the Hub: FineWeb-Edu's sample-10BT
+        # is sample/10BT/*, not the whole tree.
         try:
             builder = load_dataset_builder(opts.source, name=opts.source_config)
             files = builder.config.data_files[opts.split]
@@ -157,7 +168,7 @@ def open_source(opts: PrepareDataArguments):
                              f"{e!r} (the folder's README.md `configs` name the configs and their files)") from e
         dataset = builder.as_streaming_dataset(split=opts.split)
         description = {"name": opts.source, "config": opts.source_config, "split": opts.split,
-                       "files": [str(Path(f).relative_to(Path(opts.source).resolve())) for f in files],
+                       "files": [os.path.relpath(f, opts.source) for f in files],
                        "text_column": column}
     elif is_local(opts.source):
         files = local_files(opts.source)

@@ -144,7 +144,8 @@ def test_prepare_data_reads_only_the_configs_files_from_the_hub_and_from_a_snaps
     snapshot = hub_root / replicas.FINEWEB / "main"  # what `hf download HuggingFaceFW/fineweb-edu` leaves
     runs = (("hub", [], texts("sample/10BT/")),  # the default source: HuggingFaceFW/fineweb-edu, sample-10BT
             ("snapshot", ["--source", str(snapshot), "--source_config", "sample-10BT"], texts("sample/10BT/")),
-            ("snapshot-default", ["--source", str(snapshot), "--source_config", "default"], texts("data/")))
+            ("snapshot-default", ["--source", str(snapshot), "--source_config", "default"], texts("data/")),
+            ("snapshot-card-default", ["--source", str(snapshot)], texts("data/")))  # the card's default config
     for name, source, documents in runs:
         argv = [*source, "--out_dir", str(tmp_path / name), "--val_tokens", "200", "--shard_size", "5000",
                 "--num_proc", "1"]
