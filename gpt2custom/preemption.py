@@ -72,6 +72,7 @@ class Notice:
             # on the host
             self.group = torch.distributed.new_group(backend="gloo")
         self._flag = torch.zeros(1, dtype=torch.int32)
+        self._wants = torch.zeros(3, dtype=torch.int32)  # what any rank saw: its signal, its launcher gone, max_time
 
     # ------------------------------------------------------------------ signals
     def install(self):
@@ -100,32 +101,32 @@ class Notice:
         os.kill(os.getpid(), signum)
 
     # ------------------------------------------------------------------ the flag
-    def local_reason(self) -> str | None:
-        """Why this process wants to stop, from what it alone sees (no collective)."""
-        if self.received is not None:
-            return signal.Signals(self.signum).name
-        if self.torchrun and os.getppid() != self.parent:
-            return "the launcher has exited"
-        if self.max_time is not None and time.monotonic() - self.started >= self.max_time:
-            return f"max_time={self.max_time:g} s reached"
-        return None
+    def _local_wants(self) -> list[int]:
+        """What this process alone sees (no collective): [its signal's number or 0, launcher gone, max_time spent]."""
+        return [self.signum or 0, int(self.torchrun and os.getppid() != self.parent),
+                int(self.max_time is not None and time.monotonic() - self.started >= self.max_time)]
 
     def should_stop(self) -> bool:
         """True on every rank once any rank wants to stop. A collective: every rank calls it at the same points."""
         if self.reason is not None:
             return True
-        reason = self.local_reason()
+        wants = self._local_wants()
         if self.group is not None:
-            self._flag.fill_(reason is not None)
-            torch.distributed.all_reduce(self._flag, group=self.group)
-            wanted = bool(self._flag.item())  # a host tensor: no device sync
+            self._wants.copy_(torch.tensor(wants, dtype=torch.int32))
+            torch.distributed.all_reduce(self._wants, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            wants = self._wants.tolist()  # a host tensor: no device sync
+        signum, launcher_gone, out_of_time = wants
+        if signum:
+            self.reason = signal.Signals(signum).name
+        elif launcher_gone:
+            self.reason = "the launcher has exited"
+        elif out_of_time:
+            self.reason = f"max_time={self.max_time:g} s reached"
         else:
-            wanted = reason is not None
-        if wanted:
-            self.reason = reason or "another rank got a notice"
-            self.agreed_at = time.monotonic()
-            self._start_watchdog()
-        return wanted
+            return False
+        self.agreed_at = time.monotonic()
+        self._start_watchdog()
+        return True
 
     def check(self):
         if self.should_stop():

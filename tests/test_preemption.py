@@ -269,8 +269,11 @@ def test_a_save_past_the_deadline_is_skipped_and_the_previous_checkpoint_stays(d
     and the checkpoint of step 4 stays the latest."""
     out = tmp_path / "run"
     action = mid_step() | {"call": 13, "hold": 1.5}
-    preempted(data, out, [action], "--checkpoint_interval", "4", "--preempt_deadline_s", "1")
-    assert complete_checkpoints(out) == [4]
+    code, lines, output = launch(data, out, [action], "--checkpoint_interval", "4", "--preempt_deadline_s", "1")
+    assert code == SIGTERM_CODE and exits(lines) == {0: 75, 1: 75}, (code, lines, output[-3000:])
+    assert seconds_to_exit(lines) < 60
+    assert max(train_losses(out)) == 5 and complete_checkpoints(out) == [4]  # step 5's save did not fit
+    assert "past preempt_deadline_s=1, so none" in output or "preempt_deadline_s=1 reached" in output
     code, lines, stderr = launch(data, out, (), "--checkpoint_interval", "4")
     assert code == 0, stderr[-3000:]
     assert_same_as_reference(out, reference)
