@@ -381,6 +381,42 @@ MUTATIONS = [
         ("tests/test_synthetic.py::test_backoff_grows_exponentially_with_bounded_jitter_and_honours_retry_after",),
         "RetryPolicy.delay ignores the server's Retry-After",
     ),
+    # ------------------------------------------------------------------------- the real Hub datasets (replicas)
+    Mutation(
+        "hellaswag-hub-main-branch", "gpt2custom/hellaswag.py",
+        "    rows = load_dataset(HUB_DATASET, split=split, revision=HUB_REVISION)\n",
+        "    rows = load_dataset(HUB_DATASET, split=split)\n",
+        ("tests/test_hub_datasets.py::test_hellaswag_loads_from_the_hub_parquet_export",),
+        "HellaSwag read from Rowan/hellaswag's main branch, which holds only a loading script",
+    ),
+    Mutation(
+        "sft-unsafe-rows-kept", "gpt2custom/sft_data.py",
+        '    if "guard" in dataset.column_names and not keep_unsafe:\n',
+        '    if "guard" in dataset.column_names and keep_unsafe:\n',
+        (f"{S}::test_rows_llama_guard_flagged_unsafe_are_dropped_unless_kept",),
+        "rows Llama Guard flagged unsafe are trained on by default",
+    ),
+    Mutation(
+        "sft-long-conversations-kept", "gpt2custom/sft_data.py",
+        "        return (dataset.select(np.flatnonzero(~long)) if long.any() else dataset), stats\n",
+        "        return dataset, stats\n",
+        (f"{S}::test_conversations_longer_than_max_length_are_dropped_or_counted_as_truncated",),
+        "conversations longer than max_length are counted as dropped but still trained on (cut by TRL's packing)",
+    ),
+    Mutation(
+        "eval-chat-overlap-not-refused", "eval_chat.py",
+        "        if overlap:\n",
+        "        if False:\n",
+        ("tests/test_hub_datasets.py::test_eval_chat_judges_only_prompts_sft_held_out_and_refuses_an_overlapping_set",),
+        "eval_chat.py judges a --prompts set that overlaps the model's training conversations",
+    ),
+    Mutation(
+        "prepare-data-snapshot-config-ignored", "prepare_data.py",
+        "    elif Path(opts.source).is_dir() and (opts.source_config is not None or card_configs(Path(opts.source))):\n",
+        "    elif False:\n",
+        ("tests/test_hub_datasets.py::test_prepare_data_reads_only_the_configs_files_from_the_hub_and_from_a_snapshot",),
+        "prepare_data.py reads every file of a Hub snapshot folder, whatever --source_config says",
+    ),
 ]
 
 
