@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 from trl import TrlParser
 
 from gpt2custom.chat import fit_to_context
+from gpt2custom.files import write_json_atomic
 
 
 @dataclass
@@ -26,12 +27,16 @@ class ChatArgs:
     revision: str | None = field(default=None, metadata={"help": "Hub revision (pin it to run reviewed code)."})
     system: str | None = field(default=None, metadata={"help": "System prompt, kept for the whole conversation."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in tokens."})
+    min_new_tokens: int = field(default=0, metadata={"help": "No end token before this many (0: the model decides)."})
     temperature: float = field(default=0.7, metadata={"help": "0 = greedy decoding."})
     top_p: float = 0.95
     top_k: int = 50
     repetition_penalty: float = field(default=1.1, metadata={"help": "Small models loop without it."})
     seed: int | None = field(default=None, metadata={"help": "Fix it to get the same answers again."})
     device: str | None = field(default=None, metadata={"help": "Default: cuda when available, else cpu."})
+    transcript_json: str | None = field(default=None, metadata={
+        "help": "Also write every turn here (user text, answer, new tokens, what ended it: the end token or "
+                "max_new_tokens; or the error instead of an answer), rewritten after each turn."})
 
 
 def load(args: ChatArgs):
@@ -61,6 +66,15 @@ def main(args: ChatArgs):
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
+    turns = []
+    eos = model.generation_config.eos_token_id  # sft.py saves <|endoftext|> and the role markers
+    stop_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def record(turn: dict):
+        if args.transcript_json:
+            turns.append(turn)
+            write_json_atomic(args.transcript_json, turns)
+
     print(f"{args.model_name_or_path}: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -78,6 +92,7 @@ def main(args: ChatArgs):
             messages = fit_to_context(tokenizer, [*history, {"role": "user", "content": text}], context - reserve)
         except ValueError as e:
             print(f"[{e}: not sent]")
+            record({"user": text, "answer": None, "error": f"{e}: not sent"})
             continue
         inputs = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
@@ -87,12 +102,17 @@ def main(args: ChatArgs):
             **inputs,
             streamer=streamer,
             max_new_tokens=min(args.max_new_tokens, context - prompt_length),
+            min_new_tokens=min(args.min_new_tokens, context - prompt_length) or None,
             do_sample=args.temperature > 0,
             repetition_penalty=args.repetition_penalty,
             **sampling,
         )
-        answer = tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+        new = output[0, prompt_length:].tolist()
+        ended = bool(new) and new[-1] in stop_ids
+        answer = tokenizer.decode(new, skip_special_tokens=True)
         history = [*messages, {"role": "assistant", "content": answer}]
+        record({"user": text, "answer": answer, "error": None, "new_tokens": len(new) - ended,
+                "ended_by": "end token" if ended else "max_new_tokens"})
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ Response: `[{"generated_text": "..."}]` (only the new text unless `return_full_t
 A bad request never raises: the answer is `{"error": "..."}` naming the key, the value and what was expected.
 
 Limits: `max_new_tokens` is capped at GPT2CUSTOM_MAX_NEW_TOKENS (env, default 512) and at the room left in the
-context window; an input longer than the context is refused unless `parameters.truncate` asks to keep only its last
-N tokens (TGI's convention). Inputs over GPT2CUSTOM_MAX_INPUT_CHARS characters (default 100000) are refused before
+context window. A conversation (messages) that outgrows the context loses its oldest turns, the system prompt kept,
+until it leaves room for the answer (`fit_messages`, the rule chat.py follows; a demo's long chat keeps working); a
+text longer than the context is refused unless `parameters.truncate` asks to keep only its last N tokens (TGI's
+convention). Inputs over GPT2CUSTOM_MAX_INPUT_CHARS characters (default 100000) are refused before
 tokenizing.
 """
 
@@ -78,6 +80,23 @@ def validate_parameters(parameters) -> dict:
     return dict(parameters)
 
 
+def fit_messages(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
+    """The conversation with its oldest turns dropped (a system prompt is kept) until the prompt for the next answer
+    fits in `max_tokens`; RequestError when even the last user turn does not. (This file travels alone into the
+    published folder, so it cannot import gpt2custom.chat.fit_to_context, which follows the same rule for chat.py;
+    tests/test_app.py checks that the two agree.)"""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while turns:
+        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_dict=True)["input_ids"]
+        if len(ids) <= max_tokens:
+            return system + turns
+        turns = turns[1:]
+        while turns and turns[0]["role"] != "user":  # a conversation restarts at a user turn
+            turns = turns[1:]
+    raise RequestError(f"the last message does not fit in {max_tokens} tokens with the system prompt")
+
+
 def validate_messages(messages: list) -> list:
     if not messages:
         raise RequestError("inputs is an empty list: expected a string or a non-empty list of messages")
@@ -132,10 +151,16 @@ class EndpointHandler:
                 raise RequestError(f"the messages have {chars} characters; the limit is {self.max_input_chars}")
             if not self.tokenizer.chat_template:
                 raise RequestError("this model has no chat template: send inputs as a string")
+            requested = params.get("max_new_tokens",
+                                   self.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+            room = self.context - min(requested, self.max_new_tokens_cap, self.context // 2)  # kept for the answer
             try:
+                messages = fit_messages(self.tokenizer, messages, room) if "truncate" not in params else messages
                 ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
                     "input_ids"
                 ]
+            except RequestError:
+                raise
             except Exception as e:  # the template raises on an unknown role
                 raise RequestError(f"cannot apply the chat template: {e}") from e
         else:

@@ -1,54 +1,54 @@
 """One command from raw text to a published chat model: data -> pretrain -> evaluate -> chat data -> SFT -> chat
 samples -> publish, from one YAML config, with a cost estimate before and a report card after.
 
-Each stage is the script a user would run by hand (`accelerate launch` where it trains or evaluates), printed
-before it runs; its output goes to the terminal and to {run_dir}/logs/<stage>.log. Stages whose final output exists
-are skipped, so a second run does nothing and a killed run continues where it stopped through each script's own
-resume (see gpt2custom/pipeline.py). `--from` / `--until` select stages. Before anything runs: the plan, with
-tokens, steps, time and dollars per stage and in total for the GPUs this machine has (or `gpu` / `num_gpus` in the
-config), and a confirmation prompt (`--yes` skips it). After: {run_dir}/report.md and report.json
-(gpt2custom/report.py): every stage's inputs, outputs, time and dollars, the curves, the comparison, the chat data
-counts and cost, three chat samples, the total next to the seed's $53.25; the published model card takes its
-numbers from the same report.
-
     python pipeline.py --config configs/pipeline-smoke.yaml --yes      # offline, CPU, a few minutes
     python pipeline.py --config configs/pipeline-124m.yaml               # the seed's journey on one 8-GPU node
     python pipeline.py --config configs/pipeline-124m.yaml --plan_only true --gpu A100 --num_gpus 8
     python pipeline.py --config configs/pipeline-124m.yaml --from sft --until chat
+    python pipeline.py --config configs/pipeline-smoke.yaml --force sft   # sft again, and what read its output
+
+The journey, top to bottom (`main`):
+1. The options: the YAML, then the command line. A stage's mapping on the command line is JSON and merges into the
+   YAML's (`--sft '{"max_steps": 50}'` changes max_steps and keeps the rest).
+2. The plan (gpt2custom/pipeline.py): each stage's command, effective settings (its flags with its own config file
+   merged) and the stages whose output it reads.
+3. The decision (gpt2custom/records.py): each stage is "done" when its completion record matches the settings and
+   inputs it would run with now, else "to run" with the reason (not run yet, settings changed: key old -> new, input
+   changed: an upstream output, forced); a change redoes that stage and every later stage that read its output.
+4. The estimate (gpt2custom/estimate.py): tokens, steps, time and dollars per stage, printed with the decision as
+   the plan table; `--plan_only true` stops here, otherwise a confirmation prompt (`--yes` skips it).
+5. Each stage to run: a stale output (other settings or inputs) is removed, the command is printed and run (its
+   output to the terminal and {run_dir}/logs/<stage>.log), the output is checked (gpt2custom/checks.py: enough
+   usable chat rows, an SFT folder that loads and generates, non-empty answers), and only then the completion record
+   is written. An interrupted stage continues through the script's own resume when the same command runs again.
+6. The report card (gpt2custom/report.py): {run_dir}/report.md and report.json, written whether the run succeeded
+   or stopped, with every stage's inputs, outputs, time and dollars, the curves, the chat data counts, the samples.
 
 The stage keys of the YAML (`data`, `pretrain`, `evaluate`, `chat_data`, `sft`, `chat`, `publish`) hold the flags
 of that stage's script, passed through as `--key value` (a `config` key is that script's own `--config`); the
 pipeline sets the paths that join the stages. Keys the pipeline reads itself: `evaluate.hellaswag` (false: no
 HellaSwag), `evaluate.compare_models` (more `--models`), `chat_data.source` (`synthetic`: generate_synthetic.py,
-`stdlib-docs`: gpt2custom/stdlib_chat.py, else a data set path or Hub id for sft.py), `chat.prompts`, `publish.push`
-(false: a `--dry_run` folder). On the command line they take JSON: `--sft '{"max_steps": 50}'` (replaces the
-YAML's whole `sft` mapping).
+`stdlib-docs`: gpt2custom/stdlib_chat.py, else a data set path or Hub id for sft.py), `chat_data.min_rows` (fewer
+usable rows fail the stage), `chat.prompts`, `publish.push` (false: a `--dry_run` folder).
 """
 
 import json
-import os
 import resource
-import subprocess
+import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
 from trl import TrlParser
 
-from gpt2custom.pipeline import (
-    ROOT,
-    STAGES,
-    Plan,
-    command_text,
-    done_marker,
-    plan_table,
-    write_json_atomic,
-)
-from gpt2custom.report import prepare_publish, write_chat_samples, write_report
-from gpt2custom.synthetic import OutputFiles, read_rows
+from gpt2custom.commands import command_text, execute, stop_on_sigterm
+from gpt2custom.estimate import estimate, plan_table
+from gpt2custom.files import write_json_atomic
+from gpt2custom.pipeline import STAGES, Plan
+from gpt2custom.records import TO_RUN, CheckFailed, current_inputs, decide, now
+from gpt2custom.report import prepare_publish, record_push, write_chat_samples, write_report
 
 
 class StageArgs(dict):
@@ -76,6 +76,8 @@ class PipelineOptions:
     until_stage: str | None = field(default=None, metadata={"aliases": ["--until"], "help": "last stage to run"})
     yes: bool = field(default=False, metadata={"help": "run without the confirmation prompt"})
     plan_only: bool = field(default=False, metadata={"help": "print the plan and the estimate, run nothing"})
+    force: list[str] = field(default_factory=list, metadata={"help": "stages to run again even if done (and every "
+                                                                      "later stage that reads their output)"})
     # where the stages run
     cpu: bool = field(default=False, metadata={"help": "everything on the CPU (accelerate launch --cpu)"})
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate launch --config_file"})
@@ -98,22 +100,40 @@ class PipelineOptions:
     publish: StageArgs = stage_field("publish.py flags, plus push (bool; false = a dry-run folder)")
 
     def __post_init__(self):
-        for name in ("data", "pretrain", "evaluate", "chat_data", "sft", "chat", "publish"):
+        for name in STAGES:
             value = getattr(self, name)
             if not isinstance(value, dict):
                 raise ValueError(f"{name}: expected a mapping of the stage's flags, got {value!r}")
             setattr(self, name, StageArgs(value))
 
 
-# ------------------------------------------------------------------------------------------------ running
+
+# ------------------------------------------------------------------------------------------------ 1. the options
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def parse_options(argv: list[str] | None) -> PipelineOptions:
+    """The options; a stage mapping given on the command line merges into the YAML's (item by item)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    (options,) = TrlParser((PipelineOptions,)).parse_args_and_config(argv)
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if "config" in given and given & set(STAGES):
+        i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+        path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+        from_file = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        for name in given & set(STAGES):
+            setattr(options, name, StageArgs({**(from_file.get(name) or {}), **getattr(options, name)}))
+    unknown = [s for s in options.force if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--force {unknown[0]!r}: expected stage names out of {', '.join(STAGES)}")
+    return options
+
+
+# ------------------------------------------------------------------------------------------------ 5. running
 
 
 class State:
-    """{run_dir}/pipeline_state.json: every command each stage ran, its wall time and exit status."""
+    """{run_dir}/pipeline_state.json: every command each stage ran, its wall and CPU time and exit status (the
+    report's measured times; interrupted attempts count as attempts)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "pipeline_state.json"
@@ -129,36 +149,8 @@ class State:
         write_json_atomic(self.path, self.data)
 
 
-def pump(source, sinks, keep: list | None):
-    """Copy a child's stream to the terminal and the log as it arrives (tqdm's carriage returns intact)."""
-    for chunk in iter(lambda: source.read1(65536), b""):
-        for sink in sinks:
-            sink.write(chunk)
-            sink.flush()
-        if keep is not None:
-            keep.append(chunk)
-
-
-def execute(cmd: list[str], log_path: Path, stdin_text: str | None = None) -> tuple[int, str]:
-    """Run one command; its stdout and stderr go to the terminal and the log. Returns (exit status, stdout)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {command_text(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        out: list[bytes] = []
-        threads = [threading.Thread(target=pump, args=(proc.stdout, [sys.stdout.buffer, log], out), daemon=True),
-                   threading.Thread(target=pump, args=(proc.stderr, [sys.stderr.buffer, log], None), daemon=True)]
-        for t in threads:
-            t.start()
-        if stdin_text is not None:
-            proc.stdin.write(stdin_text.encode())
-            proc.stdin.close()
-        rc = proc.wait()
-        for t in threads:
-            t.join()
-    return rc, b"".join(out).decode("utf-8", errors="replace")
+class StageFailed(RuntimeError):
+    pass
 
 
 def children_cpu_s() -> float:
@@ -168,37 +160,56 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_stage(plan: Plan, stage, state: State):
-    stdout = ""
+def fresh_start(plan: Plan, stage):
+    """Remove the output of other settings or inputs, so the script starts afresh instead of resuming it. Only what
+    lies inside the run folder is removed; anything else stops the run with one line."""
+    run_dir = plan.run_dir.resolve()
+    for path in stage.clear:
+        if not path.exists():
+            continue
+        if run_dir not in path.resolve().parents:
+            raise StageFailed(f"stage {stage.name}: {path} was made with other settings or inputs and lies outside "
+                              f"{plan.run_dir}: remove it yourself, or give the stage another output folder")
+        print(f"[{stage.name}] removing {path} (made with other settings or inputs)", flush=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_stage(plan: Plan, stage, decision, state: State, stages_by_name: dict):
+    if decision.stale:
+        fresh_start(plan, stage)
+        stage = getattr(plan, f"stage_{stage.name}")()  # no resume flags for what was removed
+    plan.records.start(stage, current_inputs(stage, stages_by_name, plan.records), resume=decision.resume)
     if stage.name == "publish":
         prepare_publish(plan, state.data)  # the card's numbers: the same figures as the report
+    stdout = ""
     for i, cmd in enumerate(stage.commands):
         text = command_text(cmd)
         print(f"\n[{stage.name}] $ {text}", flush=True)
         record = state.attempt(stage.name, text)
-        start, cpu = time.perf_counter(), children_cpu_s()
+        start, cpu, rc = time.perf_counter(), children_cpu_s(), None
         last = i == len(stage.commands) - 1
-        rc, stdout = execute(cmd, plan.logs / f"{stage.name}.log", stage.capture_stdin if last else None)
-        record["wall_s"], record["cpu_s"], record["exit"] = time.perf_counter() - start, children_cpu_s() - cpu, rc
-        state.save()
+        try:
+            rc, stdout = execute(cmd, plan.logs / f"{stage.name}.log", stage.capture_stdin if last else None)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): the time it ran still counts in the report
+            rc = "interrupted"
+            raise
+        finally:
+            record["wall_s"], record["cpu_s"], record["exit"] = (time.perf_counter() - start,
+                                                                 children_cpu_s() - cpu, rc)
+            state.save()
         if rc != 0:
             raise StageFailed(f"stage {stage.name} failed (exit {rc}); its log: {plan.logs / f'{stage.name}.log'}. "
                               "Rerun the same command to continue from there.")
+    extra = {}
     if stage.name == "chat":
         write_chat_samples(plan, stdout)
-    elif stage.name == "chat_data" and plan.chat_data_kind == "synthetic":
-        failed = OutputFiles.for_output(plan.chat_data_path).failed
-        if read_rows(failed):  # generate_synthetic.py retries these on its next run
-            raise StageFailed(f"stage chat_data: prompts still failed after every retry ({failed}); rerun the same "
-                              "command to ask them again")
-        done_marker(plan.chat_data_path).write_text(now() + "\n")
     elif stage.name == "publish" and plan.o.publish.get("push"):
-        url = next((line.split()[-1] for line in stdout.splitlines() if line.startswith("uploaded to")), None)
-        write_json_atomic(stage.output, {"repo_id": plan.publish_args()["repo_id"], "commit_url": url})
-
-
-class StageFailed(RuntimeError):
-    pass
+        extra = record_push(plan, stdout)
+    try:
+        stage.check()
+    except CheckFailed as e:
+        raise StageFailed(f"stage {stage.name}: {e}") from None
+    plan.records.finish(stage, extra)
 
 
 def confirm(options: PipelineOptions) -> bool:
@@ -214,39 +225,44 @@ def confirm(options: PipelineOptions) -> bool:
 
 def main(argv: list[str] | None = None):
     try:
-        (options,) = TrlParser((PipelineOptions,)).parse_args_and_config(argv)
-        plan = Plan(options)
+        options = parse_options(argv)  # 1
+        plan = Plan(options)  # 2
         selected = plan.selected(options.from_stage, options.until_stage)
         stages = plan.stages()
-        estimates = plan.estimates()
+        decisions = decide(stages, plan.records, selected, tuple(options.force))  # 3
+        estimates = estimate(plan)  # 4
     except (ValueError, FileNotFoundError) as e:  # a bad key, value or file: one line, no traceback
         sys.exit(f"pipeline.py: {e}")
-    table = plan_table(plan, estimates, selected, stages)
+    table = plan_table(plan, estimates, decisions)
     print(f"Pipeline {plan.run_dir}: {', '.join(selected)}\n\n{table}\n", flush=True)
     if options.plan_only:
         return
-    todo = [s for s in stages if s.name in selected and not s.complete() and not s.skip_reason]
+    todo = [s for s in stages if decisions[s.name].status == TO_RUN]
     if todo and not confirm(options):
         sys.exit("pipeline.py: nothing run")
     plan.run_dir.mkdir(parents=True, exist_ok=True)
+    stop_on_sigterm()
     state = State(plan.run_dir)
     state.data.update(plan_table=table, estimates=estimates)
     state.save()
     failure = None
-    for stage in stages:
-        if stage.name not in selected:
+    by_name = {s.name: s for s in stages}
+    for stage in stages:  # 5
+        decision = decisions[stage.name]
+        if decision.status != TO_RUN:
+            if stage.name in selected:
+                print(f"\n[{stage.name}] {decision.status}: {decision.reason}", flush=True)
             continue
-        if stage.skip_reason:
-            print(f"\n[{stage.name}] cannot run: {stage.skip_reason}", flush=True)
-        elif stage.complete():
-            print(f"\n[{stage.name}] complete ({stage.output} exists): skipped", flush=True)
-        else:
-            try:
-                run_stage(plan, stage, state)
-            except (StageFailed, ValueError, OSError) as e:
-                failure = str(e)
-                break
-    report_md = write_report(plan, state.data, estimates)
+        print(f"\n[{stage.name}] to run: {decision.reason}", flush=True)
+        try:
+            run_stage(plan, stage, decision, state, by_name)
+        except (StageFailed, ValueError, OSError) as e:
+            failure = str(e)
+            break
+        except (KeyboardInterrupt, SystemExit):  # stopped: the stage's process tree is gone; the report says so
+            failure = f"stopped during stage {stage.name}; rerun the same command to continue"
+            break
+    report_md = write_report(plan, state.data, estimates)  # 6
     print(f"\nreport: {report_md} and {report_md.with_suffix('.json')}")
     if failure:
         sys.exit(f"pipeline.py: {failure}")

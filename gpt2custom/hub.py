@@ -129,7 +129,7 @@ def eval_results_for(row: dict, hellaswag: dict) -> list[EvalResult]:
                 dataset_name=dataset,
                 metric_type="perplexity",
                 metric_value=float(ppl["ppl"]),
-                metric_name=f"perplexity ({ppl.get('tokens', '?')} tokens)",
+                metric_name=f"perplexity on {dataset}" + (f", {ppl['tokens']:,} tokens" if ppl.get("tokens") else ""),
             )
         )
     return results
@@ -215,17 +215,29 @@ def _suite_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return [f"{task} {metric}" for task, metric in columns], table
 
 
-def _eval_table(rows: list[dict]) -> list[list[str]]:
+def _eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): HellaSwag columns only when some row has a HellaSwag score; perplexity beside the text it was
+    measured on, since perplexities on different texts (chat answers, pretraining shards) do not compare."""
+
     def cell(row, key, metric, fmt=".4f"):
         value = (row.get(key) or {}).get(metric)
         return "-" if value is None else format(value, fmt)
 
-    return [
-        [f"`{r['model']}`"]
-        + [cell(r, key, m) for key in HELLASWAG_CONVENTIONS for m in ("acc", "acc_norm")]
-        + [cell(r, PERPLEXITY, "ppl", ".2f")]
-        for r in rows
-    ]
+    hellaswag = any(r.get(key) for r in rows for key in HELLASWAG_CONVENTIONS)
+    headers = ["acc (completion)", "acc_norm (completion)", "acc (harness)", "acc_norm (harness)"] if hellaswag else []
+    with_ppl = any((r.get(PERPLEXITY) or {}).get("ppl") is not None for r in rows)
+    headers += ["perplexity", "measured on"] if with_ppl else []
+    table = []
+    for r in rows:
+        cells = [f"`{r['model']}`"]
+        if hellaswag:
+            cells += [cell(r, key, m) for key in HELLASWAG_CONVENTIONS for m in ("acc", "acc_norm")]
+        if with_ppl:
+            ppl = r.get(PERPLEXITY) or {}
+            tokens = f" ({ppl['tokens']:,} tokens)" if ppl.get("tokens") else ""
+            cells += [cell(r, PERPLEXITY, "ppl", ".2f"), f"{ppl.get('dataset') or '-'}{tokens}"]
+        table.append(cells)
+    return headers, table
 
 
 # ------------------------------------------------------------------------------------------------- model card
@@ -314,7 +326,7 @@ This is a stock `GPT2LMHeadModel`: no remote code, served as is by TGI, vLLM and
 containers.
 {% endif %}
 The chat format is `<|system|>`, `<|user|>` and `<|assistant|>` lines; an answer ends with `<|endoftext|>`.
-{%- if not base_model %} A model that was only pretrained continues text and follows that format poorly.{% endif %}
+{%- if not fine_tuned %} A model that was only pretrained continues text and follows that format poorly.{% endif %}
 
 ### Inference Endpoints
 
@@ -368,14 +380,19 @@ task: dataset, split, examples: {% for task, info in suite.tasks.items() %}`{{ t
 {% endfor %}
 {% endif %}
 {%- if eval_rows %}
+{%- if hellaswag_scored %}
 0-shot HellaSwag ({{ hellaswag_split }} split{% if hellaswag_limit %}, first {{ hellaswag_n }} examples{% endif %}),
 scored two ways that are not interchangeable: *completion style* (build-nanogpt / llm.c: each ending after the raw
 context; `acc_norm` = lowest mean loss per token) and *lm-evaluation-harness style* (activity label and cleaned-up
 text; `acc_norm` = highest log-likelihood per character). `acc` is the highest total log-likelihood in both.
 Random chance is 0.25; OpenAI's GPT-2 124M scores acc_norm 0.2955 (completion) and 0.3114 (harness).
-
-| Model | acc (completion) | acc_norm (completion) | acc (harness) | acc_norm (harness) | perplexity |
-|---|---|---|---|---|---|
+{% endif %}
+{%- if "perplexity" in eval_headers %}
+Perplexity is exp(mean loss per token) on the text named beside it; figures measured on different texts do not
+compare.
+{% endif %}
+| Model | {{ eval_headers | join(" | ") }} |
+|---|{% for h in eval_headers %}---|{% endfor %}
 {% for row in eval_rows -%}
 | {{ row | join(" | ") }} |
 {% endfor %}
@@ -394,7 +411,7 @@ left out){% endif %}.
 | | prompts | rate | 95 % interval |
 |---|---|---|---|
 {% for outcome in ["win", "tie", "loss"] -%}
-| {{ outcome }} | {{ chat.counts[outcome] }} | {{ "%.3f"|format(chat.rates[outcome].rate or 0) }} | {{ "%.3f"|format(chat.rates[outcome].ci95[0]) }} - {{ "%.3f"|format(chat.rates[outcome].ci95[1]) }} |
+| {{ outcome }} | {{ chat.counts[outcome] }} | {% if chat.rates[outcome].rate is none %}- | -{% else %}{{ "%.3f"|format(chat.rates[outcome].rate) }} | {{ "%.3f"|format(chat.rates[outcome].ci95[0]) }} - {{ "%.3f"|format(chat.rates[outcome].ci95[1]) }}{% endif %} |
 {% endfor %}
 {% if chat.position_consistency is not none %}The judge gave the same verdict in both orders on {{ "%.0f"|format(100 * chat.position_consistency) }} % of the prompts.{% endif %}
 {%- for ex in chat.examples %}
@@ -446,7 +463,7 @@ def write_model_card(
     remote_code = "auto_map" in config
     model_name = model_id.split("/")[-1]
 
-    eval_rows, hellaswag, results, suite, suite_headers, suite_rows = [], {}, [], {}, [], []
+    eval_headers, eval_rows, hellaswag, results, suite, suite_headers, suite_rows = [], [], {}, [], {}, [], []
     if eval_json is not None:
         data = read_eval_json(eval_json)
         hellaswag = data.get("hellaswag") or {}
@@ -454,8 +471,7 @@ def write_model_card(
         ours, others = split_eval_rows(data, model_dir, model_id)
         results = eval_results_for(ours, hellaswag) + lm_eval_results_for(ours, suite)
         rows = [{**ours, "model": model_id}, *others]
-        if any(key in r for r in rows for key in HELLASWAG_CONVENTIONS) or any(PERPLEXITY in r for r in rows):
-            eval_rows = _eval_table(rows)
+        eval_headers, eval_rows = _eval_table(rows)
         suite_headers, suite_rows = _suite_table(rows)
     chat = read_chat_eval(chat_eval) if chat_eval is not None else None
     if chat:
@@ -496,6 +512,9 @@ def write_model_card(
         training_rows=training_rows(training),
         hyperparameters=hyperparameters,
         eval_rows=eval_rows,
+        eval_headers=eval_headers,
+        hellaswag_scored="acc (completion)" in eval_headers,
+        fine_tuned=bool(base_model) or bool(training.get("SFT")),
         suite=suite,
         suite_headers=suite_headers,
         suite_rows=suite_rows,

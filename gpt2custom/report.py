@@ -16,7 +16,11 @@ import json
 import math
 from pathlib import Path
 
-from .pipeline import SEED_TOTAL_DOLLARS, STAGES, fmt_count, fmt_dollars, fmt_seconds, write_json_atomic
+from .estimate import SEED_TOTAL_DOLLARS
+from .files import write_atomic, write_json_atomic
+from .formatting import fmt_count, fmt_dollars, fmt_number, fmt_seconds
+from .pipeline import STAGES
+from .records import CANNOT_RUN, DONE, decide
 
 MEASURED, ESTIMATED = "measured", "estimated"
 
@@ -29,7 +33,8 @@ def read_json(path: Path):
 
 
 def stage_times(state: dict) -> dict[str, dict]:
-    """Per stage: wall seconds over the commands that finished, and how many were cut off (killed pipelines)."""
+    """Per stage: wall seconds over its commands (an interrupted one counts up to where it stopped, when the
+    pipeline lived to record it), and how many were cut off (stopped or killed pipelines)."""
     out = {}
     for name, record in (state.get("stages") or {}).items():
         attempts = record.get("attempts", [])
@@ -37,7 +42,7 @@ def stage_times(state: dict) -> dict[str, dict]:
             "wall_s": sum(a["wall_s"] for a in attempts if a.get("wall_s") is not None),
             "cpu_s": sum(a.get("cpu_s") or 0 for a in attempts),
             "commands": len(attempts),
-            "interrupted": sum(a.get("wall_s") is None for a in attempts),
+            "interrupted": sum(a.get("wall_s") is None or a.get("exit") == "interrupted" for a in attempts),
             "last_command": attempts[-1]["command"] if attempts else None,
         }
     return out
@@ -147,9 +152,18 @@ def sft_metrics(plan) -> dict:
     }
 
 
+def record_push(plan, stdout: str) -> dict:
+    """publish.py's upload, from its `uploaded to <commit URL>` line, into {run_dir}/publish.json (which the report
+    and the publish stage's record read)."""
+    url = next((line.split()[-1] for line in stdout.splitlines() if line.startswith("uploaded to")), None)
+    record = {"repo_id": plan.publish_args()["repo_id"], "commit_url": url}
+    write_json_atomic(plan.publish_record, record)
+    return record
+
+
 def publish_metrics(plan) -> dict:
     if plan.o.publish.get("push"):
-        return {"push": True, **(read_json(plan.run_dir / "publish.json") or {})}
+        return {"push": True, **(read_json(plan.publish_record) or {})}
     folder = plan.publish_dir
     return {"push": False, "folder": str(folder), "repo_id": plan.publish_args()["repo_id"],
             "files": sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []}
@@ -216,19 +230,22 @@ def collect(plan, state: dict, estimates: dict) -> dict:
         "publish": publish_metrics(plan),
     }
     stages = {}
-    for stage in plan.stages():
+    all_stages = plan.stages()
+    decisions = decide(all_stages, plan.records, list(STAGES))
+    for stage in all_stages:
         t = times.get(stage.name)
         wall = t["wall_s"] if t and t["commands"] else None
-        if stage.skip_reason:
-            status = "cannot run"
-        elif stage.complete():
-            status = "done"
+        d = decisions[stage.name]
+        if d.status in (DONE, CANNOT_RUN):
+            status = d.status
         else:
-            status = "interrupted" if t and t["interrupted"] else "not run"
+            status = "interrupted" if d.resume else f"not done ({d.reason})"
         api = metrics["chat_data"].get("cost") if stage.name == "chat_data" else None
         stages[stage.name] = {
             "status": status,
             "inputs": stage.inputs,
+            "reads": list(stage.reads),
+            "record": plan.records.read(stage.name),
             "outputs": stage.outputs,
             "command": t["last_command"] if t else None,
             "wall_s": wall,
@@ -267,41 +284,62 @@ def collect(plan, state: dict, estimates: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ chat samples
 
 
-def parse_transcript(stdout: str, count: int) -> list[str] | None:
-    """chat.py's answers from its stdout (`>>> answer\\n` per prompt, then a last `>>> ` at end of input); None when
-    the split is ambiguous (an answer that itself holds a line starting with `>>> `)."""
-    text = stdout.removesuffix(">>> ")
-    if not text.startswith(">>> "):
-        return None
-    parts = text[len(">>> "):].split("\n>>> ")
-    if len(parts) != count:
-        return None
-    return [p.removesuffix("\n") for p in parts]
+def chat_references(plan) -> tuple[dict[str, str], set[str] | None]:
+    """From the chat data: the first reference answer for each user prompt, and the prompts SFT trained on (its
+    own loader and held-out split, with the stage's eval_size and seed), or None when that cannot be told."""
+    from .sft_data import load_conversations, train_eval_split
+
+    s = plan.sft_settings
+    try:
+        dataset = load_conversations(str(plan.chat_data_path), max_samples=s.get("max_samples"),
+                                     seed=int(s.get("seed", 42)))
+    except Exception:  # a Hub data set offline, or rows sft.py would refuse: the report says "unknown"
+        return {}, None
+    references = {}
+    for messages in dataset["messages"]:
+        user = next((m["content"] for m in messages if m["role"] == "user"), None)
+        answer = next((m["content"] for m in messages if m["role"] == "assistant"), None)
+        references.setdefault(user, answer)
+    try:
+        train, _ = train_eval_split(dataset, float(s.get("eval_size", 0.01)), seed=int(s.get("seed", 42)))
+    except ValueError:
+        return references, None
+    return references, {next((m["content"] for m in msgs if m["role"] == "user"), None) for msgs in train["messages"]}
 
 
 def write_chat_samples(plan, stdout: str) -> Path:
-    """{run_dir}/chat/samples.json: each prompt, the answer chat.py printed, its length in tokens, and whether the
-    model ended it (an end token before max_new_tokens) or the limit cut it."""
-    from transformers import AutoTokenizer
-
+    """{run_dir}/chat/samples.json from chat.py's --transcript_json: each prompt, the model's answer (or the error
+    chat.py gave instead), its new tokens, what ended it (the end token, or max_new_tokens), the chat data's
+    reference answer and whether SFT trained on that prompt. chat.py's stdout is kept as it was printed."""
     prompts = plan.chat_prompts()
-    settings = plan.chat_settings()
-    answers = parse_transcript(stdout, len(prompts))
-    samples = []
-    if answers is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(plan.sft_dir), trust_remote_code=True)
-        limit = int(settings["max_new_tokens"])
-        for prompt, answer in zip(prompts, answers):
-            n = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-            samples.append({"prompt": prompt, "answer": answer, "answer_tokens": n,
-                            "ended_by": "end token" if n < limit else f"max_new_tokens ({limit})"})
+    turns = read_json(plan.chat_dir / "turns.json") or []
+    references, trained = chat_references(plan)
+    samples = [{"prompt": t["user"], "answer": t["answer"] or "", "error": t.get("error"),
+                "answer_tokens": t.get("new_tokens", 0), "ended_by": t.get("ended_by"),
+                "reference": references.get(t["user"]),
+                "in_training_set": None if trained is None else t["user"] in trained} for t in turns]
+    if [x["prompt"] for x in samples] != prompts:
+        samples = []  # not one turn per prompt: the check says so
     path = plan.chat_dir / "samples.json"
-    write_json_atomic(path, {"model": str(plan.sft_dir), "settings": settings, "samples": samples,
+    write_json_atomic(path, {"model": str(plan.sft_dir), "settings": plan.chat_settings(), "samples": samples,
                              "transcript": stdout})
     return path
 
 
 # ------------------------------------------------------------------------------------------------ the model card
+
+
+PATH_KEYS = {"config", "model_name_or_path", "dataset_name", "output_dir", "data_dir", "resume_from_checkpoint"}
+
+
+def card_hyperparameters(plan) -> dict:
+    """Both trainings' settings for the card, `pretrain.<key>` (pretrain.py's resolved config) and `sft.<key>` (the
+    SFT stage's effective settings), without the run's paths."""
+    pretrain = (read_json(plan.final_dir / "run_summary.json") or {}).get("config") or {}
+    sft = plan.stage_sft().settings
+    out = {f"pretrain.{k}": v for k, v in pretrain.items() if k not in PATH_KEYS}
+    out.update({f"sft.{k}": v for k, v in sft.items() if k not in PATH_KEYS})
+    return {k: v for k, v in out.items() if v is not None and not isinstance(v, dict | list)}
 
 
 def prepare_publish(plan, state: dict):
@@ -339,16 +377,12 @@ def prepare_publish(plan, state: dict):
         "Pipeline wall time, all stages so far": fmt_seconds(totals["wall_s"]),
         "Cost basis": "measured time x list price per device-hour, plus API tokens x configured prices "
                       "(pipeline report.json)",
-        "config": (read_json(plan.final_dir / "run_summary.json") or {}).get("config"),
+        "config": card_hyperparameters(plan),
     }
     write_json_atomic(plan.sft_dir / "run_summary.json", summary)
 
 
 # ------------------------------------------------------------------------------------------------ report.md
-
-
-def _num(value, fmt="{:.4f}"):
-    return "-" if value is None else fmt.format(value)
 
 
 def render(report: dict) -> str:
@@ -392,8 +426,8 @@ def render(report: dict) -> str:
               "| tokens | steps | training time | tokens/s | MFU | val loss | unigram baseline | HellaSwag acc_norm | $ "
               "(pretrain.py) |", "|---|---|---|---|---|---|---|---|---|",
               f"| {fmt_count(p.get('tokens'))} | {p.get('steps') or '-'} | {fmt_seconds(p.get('wall_time_s'))} | "
-              f"{_num(p.get('tokens_per_s'), '{:,.0f}')} | {_num(p.get('mfu'), '{:.1%}')} | {_num(p.get('val_loss'))} | "
-              f"{_num(p.get('unigram_val_loss'))} | {_num(p.get('hellaswag_acc_norm'))} | "
+              f"{fmt_number(p.get('tokens_per_s'), ',.0f')} | {fmt_number(p.get('mfu'), '.1%')} | {fmt_number(p.get('val_loss'))} | "
+              f"{fmt_number(p.get('unigram_val_loss'))} | {fmt_number(p.get('hellaswag_acc_norm'))} | "
               f"{fmt_dollars(p.get('dollars'))} |", ""]
     lines += [f"![{Path(x).stem}]({x})" for x in p.get("plots", [])] + [""]
 
@@ -420,8 +454,8 @@ def render(report: dict) -> str:
     lines += ["## Chat fine-tuning (measured)", ""]
     if s:
         lines += [f"{s['steps']} steps, {fmt_count(s.get('tokens'))} tokens, {fmt_seconds(s.get('train_runtime_s'))} of "
-                  f"training; loss on assistant tokens {_num(s.get('first_loss'))} (first log) -> "
-                  f"{_num(s.get('final_loss'))} (last); held-out loss {_num(s.get('eval_loss'))}.", ""]
+                  f"training; loss on assistant tokens {fmt_number(s.get('first_loss'))} (first log) -> "
+                  f"{fmt_number(s.get('final_loss'))} (last); held-out loss {fmt_number(s.get('eval_loss'))}.", ""]
         if s.get("plot"):
             lines += [f"![SFT loss]({s['plot']})", ""]
     ch = st["chat"]["metrics"]
@@ -430,8 +464,17 @@ def render(report: dict) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in ch["settings"].items())
         lines += [f"`chat.py` ({settings}):", ""]
         for x in ch["samples"]:
-            lines += [f"> **user:** {x['prompt']}", ">", f"> **assistant:** {x['answer'] or '(empty)'}", "",
-                      f"{x['answer_tokens']} tokens, ended by {x['ended_by']}.", ""]
+            lines += [f"> **user:** {x['prompt']}", ">", f"> **assistant:** {x['answer'] or '(empty)'}", ""]
+            seen = {True: "in the SFT training set", False: "held out from SFT / not in the chat data",
+                    None: "training-set membership unknown"}[x.get("in_training_set")]
+            if x.get("error"):
+                lines += [f"Not answered: chat.py printed `{x['error']}`.", ""]
+            elif not x["answer"]:
+                lines += ["**Failed: an empty answer** (the model ended its turn at once).", ""]
+            else:
+                lines += [f"{x['answer_tokens']} tokens, ended by {x['ended_by']}; the prompt is {seen}.", ""]
+            if x.get("reference"):
+                lines += [f"Reference answer (chat data): {x['reference']}", ""]
     elif ch.get("transcript"):
         lines += ["The answers could not be told apart in chat.py's output; the transcript:", "", "```",
                   ch["transcript"], "```", ""]
@@ -451,8 +494,4 @@ def render(report: dict) -> str:
 def write_report(plan, state: dict, estimates: dict) -> Path:
     report = collect(plan, state, estimates)
     write_json_atomic(plan.run_dir / "report.json", report)
-    path = plan.run_dir / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(render(report), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(plan.run_dir / "report.md", render(report))

@@ -22,11 +22,11 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
+
+from .files import write_atomic
 
 SOURCE_MODEL = "python-stdlib-docstrings"
 DEFAULT_MODULES = (
@@ -136,14 +136,7 @@ def add_usage(rows: list[dict]) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], out: "str | Path") -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None):

@@ -230,7 +230,8 @@ def retry_after_seconds(error: BaseException) -> float | None:
 
 def is_retryable(error: BaseException) -> bool:
     """Rate limits, server errors, timeouts, dropped connections and unusable bodies are retried; a FatalError
-    is raised for failures every prompt would share; anything else (a 400 on this prompt) is not retried."""
+    is raised for failures every prompt would share (a refused connection among them); anything else (a 400 on this
+    prompt) is not retried."""
     if isinstance(error, OfflineModeIsEnabled):
         raise FatalError("HF_HUB_OFFLINE=1 blocks every request made through huggingface_hub, local servers "
                          "included: unset it for generation") from error
@@ -240,7 +241,10 @@ def is_retryable(error: BaseException) -> bool:
             raise FatalError(f"{describe_error(error)}\ncheck the token (HF_TOKEN or `hf auth login`, with inference "
                              "permission), the model id, its licence acceptance, and the provider") from error
         return status is None or status in RETRY_STATUS or status >= 500
-    # After HfHubHTTPError, which is one of them: timeouts, refused or dropped connections.
+    if isinstance(error, httpx2.ConnectError):  # nothing listens there: every prompt would wait out every retry
+        raise FatalError(f"cannot connect to the server ({describe_error(error)}): check that it is running and the "
+                         "--base_url (the run resumes where it stopped)") from error
+    # After HfHubHTTPError, which is one of them: timeouts and dropped connections.
     return isinstance(error, (httpx2.HTTPError, json.JSONDecodeError, IncompleteAnswer))
 
 

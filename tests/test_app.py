@@ -156,3 +156,24 @@ def test_demo_process_answers_a_gradio_client_request_through_the_endpoint(endpo
     assert headers["authorization"] == f"Bearer {FAKE_TOKEN}"
     assert reply == expected_answer(folder, tokenizer)
     assert FAKE_TOKEN not in (tmp_path / "app.log").read_text()
+
+
+def test_a_long_conversation_is_fitted_to_the_context_by_the_same_rule_as_chat_py(folder):
+    """The demo sends the whole history; on a 256-token model the 4th long turn used to be refused. The handler now
+    drops the oldest turns (system prompt kept), and keeps exactly what gpt2custom.chat.fit_to_context keeps."""
+    from gpt2custom.chat import fit_to_context
+    from handler import EndpointHandler
+
+    handler = EndpointHandler(str(folder))
+    turn = "tell me more about the quick brown fox and the lazy dog " * 3  # ~40 tokens a message
+    history = [m for i in range(4) for m in ({"role": "user", "content": f"{i}: {turn}"},
+                                             {"role": "assistant", "content": turn})]
+    messages = build_messages("last question", history, "Be brief.", max_history_turns=10)
+    parameters = {"max_new_tokens": 8, "do_sample": False, "details": True}
+    (answer,) = handler({"inputs": messages, "parameters": parameters})
+    kept = fit_to_context(handler.tokenizer, messages, handler.context - 8)
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last question" and len(kept) < len(messages)
+    prompt = handler.tokenizer.apply_chat_template(kept, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert answer["details"]["prompt_tokens"] == len(prompt)
+    too_long = [{"role": "user", "content": turn * 10}]
+    assert "does not fit" in handler({"inputs": too_long, "parameters": parameters})["error"]

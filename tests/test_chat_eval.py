@@ -291,3 +291,17 @@ def test_model_card_shows_the_judged_win_rate_and_side_by_side_examples(tiny_che
     text = (model_dir / "README.md").read_text()
     assert "| win | 2 | 0.667 |" in text and "| loss | 1 | 0.333 |" in text
     assert "**This model:** Because kettles." in text and "Not evaluated yet" in text  # no benchmark JSON given
+
+
+def test_a_rerun_against_another_judge_server_is_refused(tmp_path):
+    """Verdicts are the judge's: the same judge name behind another server, provider or token limit is another judge,
+    so its verdicts must not be credited with the first one's (the old resume check compared the name only)."""
+    first = eval_chat.ChatEvalOptions(model="m", prompts="p.jsonl", base_url="http://127.0.0.1:8080/v1")
+    eval_chat.check_same_run(first, tmp_path)
+    eval_chat.check_same_run(first, tmp_path)  # the same run resumes
+    for change in ({"base_url": "http://127.0.0.1:9090/v1"}, {"base_url": None, "provider": "together"},
+                   {"judge_max_tokens": 64}):
+        other = eval_chat.ChatEvalOptions(**{"model": "m", "prompts": "p.jsonl", "base_url": first.base_url,
+                                             **change})
+        with pytest.raises(ValueError, match=f"{next(iter(change))}: .*use another --output_dir"):
+            eval_chat.check_same_run(other, tmp_path)

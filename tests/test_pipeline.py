@@ -21,7 +21,8 @@ import yaml
 
 from conftest import REPO
 from gpt2custom import pipeline as pl
-from gpt2custom.report import parse_transcript, sft_tokens
+from gpt2custom.estimate import estimate
+from gpt2custom.report import sft_tokens
 from gpt2custom.stdlib_chat import build_rows
 
 # --------------------------------------------------------------------------------------------------- estimates
@@ -42,7 +43,7 @@ def options(**overrides):
 
 
 def test_estimate_arithmetic_by_hand():
-    est = pl.Plan(options()).estimates()
+    est = estimate(pl.Plan(options()))
     # GPT-2 124M: N = 50304*768 + 12*(12*768^2 + 13*768) + 2*768 = 123,689,472 (shared/docs/performance.md), so
     # 6N + 12*L*C*T = 742,136,832 + 113,246,208 = 855,383,040 FLOPs per token: the A100 anchor applies unscaled.
     pre = est["pretrain"]
@@ -64,8 +65,8 @@ def test_estimate_arithmetic_by_hand():
 
 
 def test_estimate_scales_by_flops_and_uses_config_price():
-    est = pl.Plan(options(gpu="H100", num_gpus=2, gpu_price_per_hour=2.0,
-                          pretrain={"model_preset": "gpt2-medium", "max_steps": 10, "compile": False})).estimates()
+    est = estimate(pl.Plan(options(gpu="H100", num_gpus=2, gpu_price_per_hour=2.0,
+                                   pretrain={"model_preset": "gpt2-medium", "max_steps": 10, "compile": False})))
     # GPT-2 350M: N = 50304*1024 + 24*(12*1024^2 + 13*1024) + 2*1024 = 353,822,720;
     # 6N + 12*24*1024*1024 = 2,122,936,320 + 301,989,888 = 2,424,926,208 FLOPs per token
     tok_s = 419_000 * 855_383_040 / 2_424_926_208
@@ -76,7 +77,7 @@ def test_estimate_scales_by_flops_and_uses_config_price():
 
 def test_cpu_has_no_price_and_selection_checks_names():
     plan = pl.Plan(options(gpu=None, num_gpus=None, cpu=True))
-    assert plan.hardware.is_cpu and plan.estimates()["pretrain"]["dollars"] is None
+    assert plan.hardware.is_cpu and estimate(plan)["pretrain"]["dollars"] is None
     assert plan.selected("sft", "chat") == ["sft", "chat"]
     with pytest.raises(ValueError, match="--from 'pretrian'"):
         plan.selected("pretrian", None)
@@ -120,12 +121,6 @@ def test_sft_tokens_across_a_resume():
     assert sft_tokens([{"loss": 1.0}]) is None
 
 
-def test_transcript_parsing():
-    assert parse_transcript(">>> a b\n>>> \n>>> c\n>>> ", 3) == ["a b", "", "c"]
-    assert parse_transcript(">>> a\n>>> b\n>>> ", 3) is None  # not one answer per prompt: ambiguous
-    assert parse_transcript(">>> x\n>>> y\n>>> z\n>>> ", 2) is None
-
-
 # --------------------------------------------------------------------------------------------------- end to end
 
 STAGE_OUTPUTS = ["data/manifest.json", "pretrain/final/run_summary.json", "pretrain/loss.png",
@@ -146,7 +141,10 @@ def tiny_config(run_dir) -> dict:
         "sft": {"config": "configs/sft-smoke.yaml", "max_steps": 6, "per_device_train_batch_size": 1,
                 "gradient_accumulation_steps": 1, "eval_size": 2, "eval_steps": 6, "logging_steps": 1,
                 "save_strategy": "steps", "save_steps": 2, "report_to": "none"},
-        "chat": {"prompts": ["What does json.dumps do?", "What is json.loads for?", "Hello!"], "max_new_tokens": 8},
+        # a 6-step model ends its turn at once or answers blanks, which fails the chat stage: sampling and
+        # min_new_tokens keep the plumbing under test (configs/pipeline-smoke.yaml's model answers greedily)
+        "chat": {"prompts": ["What does json.dumps do?", "What is json.loads for?", "Hello!"], "max_new_tokens": 8,
+                 "min_new_tokens": 1, "temperature": 1.0, "seed": 0},
         "publish": {"repo_id": "test/tiny-chat"},
     }
 
@@ -159,7 +157,7 @@ def env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_pipeline(config_path, *extra, timeout=300):
+def run_pipeline(config_path, *extra, timeout=900):  # a hang guard: a loaded 2-core machine is slow
     proc = subprocess.run(pipeline_cmd(config_path, *extra), cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -187,19 +185,40 @@ def deterministic(report: dict, until_sft: bool = False) -> dict:
     return figures
 
 
+def commands_run(stdout: str) -> list[str]:
+    """The stages whose command a pipeline run printed (and so ran), in order."""
+    return re.findall(r"^\[(\w+)\] \$ ", stdout, re.MULTILINE)
+
+
+def plan_rows(stdout: str) -> dict[str, tuple[str, str]]:
+    """{stage: (status, why)} from the printed plan table."""
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(\w+)\s+(done|to run|not selected|cannot run)\s+\S+\s+\S+\s+[\d.]+ (?:s|min|h)\s+\S+\s+\S+"
+                     r"\s+(.*)$", line)
+        if m and m.group(1) in pl.STAGES:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    return rows
+
+
 @pytest.mark.slow
-def test_pipeline_end_to_end_skip_and_resume(tmp_path):
+def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     a = tmp_path / "a"
     config_a = write_config(tmp_path / "a.yaml", tiny_config(a))
     first = run_pipeline(config_a)
-    for stage in pl.STAGES:
-        assert f"[{stage}] $ " in first.stdout, stage  # every command is printed before it runs
+    assert commands_run(first.stdout) == list(pl.STAGES)  # every command is printed before it runs
     for rel_path in STAGE_OUTPUTS:
         assert (a / rel_path).exists(), rel_path
     report = json.loads((a / "report.json").read_text())
     assert {k: v["status"] for k, v in report["stages"].items()} == dict.fromkeys(pl.STAGES, "done")
+    # each record holds the effective settings: the stage's own config file merged under the pipeline's keys
+    sft_file = yaml.safe_load((REPO / "configs/sft-smoke.yaml").read_text())
+    sft_record = json.loads((a / "records" / "sft.json").read_text())
+    assert sft_record["settings"]["learning_rate"] == sft_file["learning_rate"]
+    assert sft_record["settings"]["max_steps"] == 6 and sft_record["settings"]["output_dir"] == "{run_dir}/sft"
+    assert set(sft_record["inputs"]) == {"pretrain", "chat_data"} and all(sft_record["inputs"].values())
 
     # report.md: a measured wall time in every stage's row
     md = (a / "report.md").read_text()
@@ -207,6 +226,13 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
         row = next(line for line in md.splitlines() if line.startswith(f"| {stage} |"))
         assert re.search(r"\d+ s|\d+\.\d+ min", row.split("|")[5]), row
     assert "instead of FineWeb-Edu" in md and "dry-run folder" in md
+    # the samples: model answers beside the chat data's reference, and whether SFT trained on the prompt
+    samples = json.loads((a / "chat" / "samples.json").read_text())["samples"]
+    rows = [json.loads(line) for line in (a / "chat_data" / "chat.jsonl").read_text().splitlines()]
+    reference = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
+    assert [x["reference"] for x in samples] == [reference.get(x["prompt"]) for x in samples]
+    assert samples[2]["in_training_set"] is False  # "Hello!" is not in the chat data
+    assert {x["in_training_set"] for x in samples[:2]} <= {True, False}
 
     # the card takes the report's numbers: SFT held-out perplexity, pretraining tokens
     card = (a / "publish" / "README.md").read_text()
@@ -226,20 +252,39 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     # a second run skips every stage and runs nothing
     state_before = (a / "pipeline_state.json").read_text()
     second = run_pipeline(config_a)
-    assert all(f"[{stage}] complete" in second.stdout for stage in pl.STAGES), second.stdout
-    assert not re.search(r"^\[\w+\] \$ ", second.stdout, re.MULTILINE)  # no command ran
+    assert all(f"[{stage}] done: " in second.stdout for stage in pl.STAGES), second.stdout
+    assert commands_run(second.stdout) == []
     assert json.loads((a / "pipeline_state.json").read_text())["stages"] == json.loads(state_before)["stages"]
 
+    # SFT's learning rate changed on the command line (merged into the YAML's sft mapping): the plan says why sft,
+    # chat and publish run again and that the earlier stages are done; the run redoes exactly those three
+    new_lr = ["--sft", json.dumps({"learning_rate": 0.005})]
+    plan = run_pipeline(config_a, "--plan_only", "true", *new_lr)
+    rows = plan_rows(plan.stdout)
+    assert {k: v[0] for k, v in rows.items()} == {**dict.fromkeys(["data", "pretrain", "evaluate", "chat_data"], "done"),
+                                                  **dict.fromkeys(["sft", "chat", "publish"], "to run")}, plan.stdout
+    assert rows["sft"][1] == f"settings changed: learning_rate {sft_file['learning_rate']} → 0.005"
+    assert rows["chat"][1].startswith("input changed: ") and "sft" in rows["chat"][1]
+    assert commands_run(plan.stdout) == []
+    changed = run_pipeline(config_a, *new_lr)
+    assert commands_run(changed.stdout) == ["sft", "chat", "publish"]
+    assert "--max_steps 6" in changed.stdout  # the rest of the YAML's sft mapping is kept
+    assert "--resume_from_checkpoint" not in changed.stdout  # a fresh start, not the old run's checkpoints
+    report = json.loads((a / "report.json").read_text())
+    assert json.loads((a / "records" / "sft.json").read_text())["settings"]["learning_rate"] == 0.005
+
     # killed in the middle of SFT (after a seeded checkpoint), then the same command: the same report up to SFT
-    # (chat and publish only read SFT's output folder; the first run covers them)
+    # (chat and publish only read SFT's output folder; the runs above cover them)
     b = tmp_path / "b"
     shutil.copytree(a, b, ignore=shutil.ignore_patterns("sft", "chat", "publish", "report.*", "card_eval.json",
-                                                        "sft_loss.png"))
+                                                        "sft_loss.png", "sft.json", "chat.json", "publish.json"))
     state = json.loads((b / "pipeline_state.json").read_text())
     for stage in ("sft", "chat", "publish"):
         state["stages"].pop(stage)
     (b / "pipeline_state.json").write_text(json.dumps(state))
-    config_b = write_config(tmp_path / "b.yaml", tiny_config(b))
+    config = tiny_config(b)
+    config["sft"]["learning_rate"] = 0.005
+    config_b = write_config(tmp_path / "b.yaml", config)
     kill_after = random.Random(0).choice([2, 4])
     proc = subprocess.Popen(pipeline_cmd(config_b, "--until", "sft"), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -252,10 +297,164 @@ def test_pipeline_end_to_end_skip_and_resume(tmp_path):
     assert not (b / "sft" / "trainer_state.json").exists()  # killed before SFT finished
     resumed = run_pipeline(config_b, "--until", "sft")
     assert "--resume_from_checkpoint" in resumed.stdout
-    for stage in ("data", "pretrain", "evaluate", "chat_data"):
-        assert f"[{stage}] complete" in resumed.stdout
+    assert commands_run(resumed.stdout) == ["sft"]  # the copied records of the earlier stages still hold
     report_b = json.loads((b / "report.json").read_text())
     assert report_b["stages"]["sft"]["interrupted_commands"] == 1
     got, want = deterministic(report_b, until_sft=True), deterministic(report, until_sft=True)
     assert got.pop("sft_losses") == pytest.approx(want.pop("sft_losses"), rel=1e-5)
     assert got == want
+
+
+# --------------------------------------------------------------------------------------------------- records
+
+
+def test_decisions_follow_settings_inputs_and_force(tmp_path):
+    """A hand-made chain a -> b -> c plus d (reads nothing) against hand-written expectations: a settings change
+    redoes that stage and the later ones that read it, never the earlier ones or the independent one."""
+    from gpt2custom.records import Records, Stage, decide
+
+    out = {n: tmp_path / n for n in "abcd"}
+    for path in out.values():
+        path.mkdir()
+
+    def stages(lr=0.01):
+        return [Stage("a", [["x"]], out["a"], {"n": 1}), Stage("b", [["x"]], out["b"], {"lr": lr}, reads=("a",),
+                                                                 outputs=["b/"]),
+                Stage("c", [["x"]], out["c"], {"k": [1, 2]}, reads=("b",)), Stage("d", [["x"]], out["d"], {})]
+
+    records = Records(tmp_path)
+    names = list("abcd")
+    first = decide(stages(), records, names)
+    assert {n: (d.status, d.reason) for n, d in first.items()} == dict.fromkeys(names, ("to run", "not run yet"))
+    by_name = {s.name: s for s in stages()}
+    for stage in stages():  # what the pipeline does for each stage, in order
+        inputs = {r: records.identity(by_name[r]) for r in stage.reads}
+        records.start(stage, inputs, resume=False)
+        if stage.name != "d":  # d is interrupted: started, never finished
+            records.finish(stage)
+    now = decide(stages(), records, names)
+    assert [now[n].status for n in names] == ["done", "done", "done", "to run"]
+    assert now["d"].reason.startswith("interrupted") and now["d"].resume and not now["d"].stale
+
+    changed = decide(stages(lr=0.005), records, names)
+    assert [changed[n].status for n in names] == ["done", "to run", "to run", "to run"]
+    assert changed["b"].reason == "settings changed: lr 0.01 → 0.005" and changed["b"].stale
+    assert changed["c"].reason == "input changed: b/ (runs again)"
+
+    forced = decide(stages(), records, names, force=("a",))
+    assert [forced[n].status for n in names] == ["to run", "to run", "to run", "to run"]
+    assert forced["a"].reason == "forced (--force)"
+    assert decide(stages(), records, ["c"])["b"].status == "not selected"
+
+    # b redone (same settings, a new record): c read the old b, so c runs again; a stays done
+    b = stages()[1]
+    records.start(b, {"a": records.identity(stages()[0])}, resume=False)
+    records.finish(b)
+    again = decide(stages(), records, names)
+    assert [again[n].status for n in "abc"] == ["done", "done", "to run"] and again["c"].reason == "input changed: b/"
+    (tmp_path / "a").rmdir()
+    assert decide(stages(), records, names)["a"].reason == f"output missing: {tmp_path / 'a'}"
+
+
+# --------------------------------------------------------------------------------------------------- stage checks
+
+
+def chat_row(question, answer, rejection=None):
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "rejection": rejection}
+
+
+def test_chat_data_with_too_few_usable_rows_fails_with_its_reasons(tmp_path):
+    from gpt2custom.checks import check_chat_data
+    from gpt2custom.records import CheckFailed
+
+    path = tmp_path / "chat.jsonl"
+    rows = [chat_row(f"q{i}", "", "empty answer") for i in range(3)] + [chat_row("q", "a", "refusal")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CheckFailed, match=r"0 usable rows, expected at least 1 .*rejected: 3 empty answer, 1 refusal"):
+        check_chat_data(path, min_rows=1, failed_is_error=True)
+    rows.append(chat_row("q", "a"))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_chat_data(path, min_rows=1, failed_is_error=True)
+
+
+def test_chat_samples_keep_chat_py_errors_apart_from_answers(tmp_path, tiny_checkpoint, monkeypatch):
+    """chat.py's own line for a message that does not fit ("[...: not sent]") is an error, not the model's answer;
+    each answer's end is what generate() did (the end token or the limit), as chat.py saw it."""
+    import io
+
+    from trl import TrlParser
+
+    import chat
+    from conftest import run_main_here
+    from gpt2custom.chat import load_chat_tokenizer
+    from gpt2custom.checks import check_chat_samples
+    from gpt2custom.records import CheckFailed
+    from gpt2custom.report import write_chat_samples
+
+    model_dir = tmp_path / "sft"
+    shutil.copytree(tiny_checkpoint, model_dir)
+    load_chat_tokenizer(str(model_dir)).save_pretrained(model_dir)  # a chat model: the chat template added
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(chat_row("What is x?", "The x.")) + "\n")
+    long = " ".join(["word"] * 300)  # over the tiny model's 256-token context
+    plan = pl.Plan(options(run_dir=str(tmp_path), chat={"prompts": ["What is x?", long], "max_new_tokens": 4},
+                           chat_data={"source": str(data)}, sft={"output_dir": str(model_dir), "eval_size": 0}))
+    stage = plan.stage_chat()
+    (args,) = TrlParser((chat.ChatArgs,)).parse_args_and_config(stage.commands[0][2:])  # the stage's own flags
+    monkeypatch.setattr("sys.stdin", io.StringIO(stage.capture_stdin))
+    stdout = run_main_here(chat.main, args)
+    assert "not sent]" in stdout
+    first, second = json.loads(write_chat_samples(plan, stdout).read_text())["samples"]
+    assert (first["reference"], first["in_training_set"]) == ("The x.", True)
+    assert first["ended_by"] in ("end token", "max_new_tokens") and first["answer_tokens"] <= 4
+    assert second["answer"] == "" and "does not fit" in second["error"] and second["ended_by"] is None
+    with pytest.raises(CheckFailed, match=f"did not answer {long[:20]!r}"[:-1]):
+        check_chat_samples(plan.chat_dir / "samples.json", plan.chat_prompts())
+    assert oct((plan.chat_dir / "samples.json").stat().st_mode & 0o777) == "0o644"  # not mkstemp's 0600
+
+
+def test_push_url_reaches_the_report(tmp_path):
+    from gpt2custom.report import publish_metrics, record_push
+
+    plan = pl.Plan(options(run_dir=str(tmp_path), publish={"repo_id": "me/x", "push": True}))
+    record_push(plan, "wrote files\nuploaded to https://huggingface.co/me/x/commit/abc\n")
+    assert publish_metrics(plan)["commit_url"] == "https://huggingface.co/me/x/commit/abc"
+    assert plan.stage_publish().output == plan.publish_record  # the stage is done when the push was recorded
+
+
+def test_sft_context_longer_than_the_model_is_refused_by_the_plan():
+    with pytest.raises(ValueError, match=r"sft: max_length=2048 is longer than the pretrained model's context "
+                                         r"\(pretrain block_size 1024\)"):
+        estimate(pl.Plan(options(sft={"max_steps": 2, "max_length": 2048})))
+
+
+def test_cpu_launch_with_two_processes_starts_two_ranks():
+    """The command the pipeline builds, read by accelerate's own launch parser: two CPU ranks, this interpreter."""
+    from accelerate.commands.launch import launch_command_parser
+
+    cmd = pl.Plan(options(cpu=True, num_processes=2, gpu=None, num_gpus=None)).launch("sft.py")
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(cmd[3:])
+    assert args.cpu and args.multi_gpu and args.num_processes == 2 and args.training_script.endswith("sft.py")
+
+
+def test_sigterm_to_the_pipeline_stops_the_stage_under_it(tmp_path):
+    """The pipeline's runner, stopped by SIGTERM while a stage runs: the stage and its own child are gone too."""
+    pid_file = tmp_path / "grandchild.pid"
+    stage = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    runner = ("import sys; from pathlib import Path; from gpt2custom.commands import execute, stop_on_sigterm; "
+              f"stop_on_sigterm(); execute([sys.executable, '-c', {stage!r}], Path({str(tmp_path / 'log')!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", runner], cwd=REPO, env=env())
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    deadline = time.monotonic() + 15
+    while os.path.exists(f"/proc/{grandchild}") and "Z" not in open(f"/proc/{grandchild}/stat").read().split()[2]:
+        assert time.monotonic() < deadline, "the stage's own child survived the pipeline"
+        time.sleep(0.05)

@@ -192,6 +192,33 @@ def test_card_refuses_eval_results_of_another_model(checkpoint, tmp_path):
     assert not (folder / "README.md").exists()
 
 
+def test_card_of_a_chat_model_without_hellaswag_or_decided_prompts(checkpoint, tmp_path):
+    """The pipeline's smoke card: perplexities on two different texts, no HellaSwag, a judge that decided nothing,
+    an SFT summary. Each figure says what it was measured on; nothing shows a rate of a count of zero as 0.000."""
+    ckpt, _ = checkpoint
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text((ckpt / "config.json").read_text())
+    rows = [{"model": str(folder), "perplexity": {"dataset": "held-out chat answers", "loss": 6.12, "ppl": 455.0}},
+            {"model": "runs/x/pretrain/final", "perplexity": {"dataset": "pretraining val shards", "loss": 4.89,
+                                                              "ppl": 133.0, "tokens": 20000}}]
+    undecided = {"rate": None, "ci95": [0.0, 1.0]}
+    chat = {"rates": dict.fromkeys(("win", "tie", "loss"), undecided), "counts": {"win": 0, "tie": 0, "loss": 0},
+            "decided": 0, "judge": {"model": "judge"}, "prompts": {"n": 2}, "baseline": "teacher", "examples": [],
+            "position_consistency": None}
+    training = {"steps": 10, "SFT": "150 steps", "config": {"pretrain.learning_rate": 0.01, "sft.learning_rate": 0.003}}
+    card = write_model_card(folder, model_id=REPO_ID, eval_json={"hellaswag": {"split": "validation", "n": 0},
+                                                                  "results": rows}, chat_eval=chat, training=training)
+    text = card.text
+    assert "0.000" not in text and "| win | 0 | - | - |" in text
+    assert "HellaSwag" not in text.split("## Evaluation")[1].split("### Chat")[0]  # no HellaSwag paragraph or columns
+    assert "| 455.00 | held-out chat answers |" in text and "| 133.00 | pretraining val shards (20,000 tokens) |" in text
+    assert "only pretrained" not in text
+    assert "`sft.learning_rate`" in text and "`pretrain.learning_rate`" in text
+    names = [r.metric_name for r in card.data.eval_results]
+    assert names == ["perplexity on held-out chat answers"]  # no "(? tokens)"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

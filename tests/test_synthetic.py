@@ -481,7 +481,10 @@ def test_retry_classification_and_retry_after_header():
     for status in (401, 403, 404):
         with pytest.raises(FatalError):
             is_retryable(http_error(status))
-    assert is_retryable(httpx2.ConnectError("refused")) and is_retryable(json.JSONDecodeError("x", "{", 1))
+    assert is_retryable(httpx2.ReadTimeout("slow")) and is_retryable(httpx2.RemoteProtocolError("dropped"))
+    assert is_retryable(json.JSONDecodeError("x", "{", 1))
+    with pytest.raises(FatalError, match="cannot connect to the server"):  # nothing listening: stop, do not retry
+        is_retryable(httpx2.ConnectError("[Errno 111] Connection refused"))
     assert retry_after_seconds(http_error(429, {"Retry-After": "3"})) == 3.0
     # An HTTP date is wall-clock time to the second: 30 s ahead, then cut to the second (up to 1 s less), less
     # however long this took (measured, so that a stalled machine cannot fail it).

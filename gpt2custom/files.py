@@ -1,0 +1,43 @@
+"""Small file helpers every script shares: atomic writes with the usual permissions, and the datasets builder for a
+local data file's suffix."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FILE_MODE = 0o644  # what a plain open() gives under the usual umask; mkstemp's 0600 would hide outputs from others
+
+# A local data file's suffix -> the `datasets` builder that reads it (load_dataset(builder, data_files=...)).
+DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def builder_for(path: "str | Path", allowed: "tuple[str, ...] | None" = None) -> str:
+    """The datasets builder for `path`'s suffix; ValueError naming the file and the suffixes accepted otherwise.
+    `allowed` narrows the suffixes (a reader that cannot use plain text, say)."""
+    suffixes = allowed or tuple(DATA_BUILDERS)
+    suffix = Path(path).suffix
+    if suffix not in suffixes:
+        raise ValueError(f"{path}: expected a {'/'.join(suffixes)} file")
+    return DATA_BUILDERS[suffix]
+
+
+def write_atomic(path: "str | Path", data: "str | bytes", mode: int = FILE_MODE) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename: a reader sees the old file or
+    the new one, never a part. The file gets `mode` (0644: readable by all, like the other outputs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: "str | Path", payload) -> Path:
+    return write_atomic(path, json.dumps(payload, indent=2) + "\n")
