@@ -1,6 +1,6 @@
 """HellaSwag scoring speed: examples per second of `gpt2custom.hellaswag.score_endings` against a naive batched loop.
 
-The naive loop is what most scripts do (and what bench numbers in ../shared/docs/performance.md measured): one
+The naive loop is what most scripts do: one
 right-padded row per (example, ending) holding context + ending, full logits, fp32 log_softmax over the whole
 vocabulary at every position, then a gather. Ours runs each context once (KV cache repeated for the 4 endings)
 and computes log-probs only where an ending token is predicted. Both must pick the same endings; the bench checks.
@@ -21,7 +21,6 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,6 @@ from configuration_gpt2custom import GPT2CustomConfig
 from gpt2custom.hellaswag import inference_autocast, load_hellaswag, render, score_endings
 from gpt2custom.tokenizer import load_tokenizer
 from modeling_gpt2custom import GPT2CustomForCausalLM
-
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @dataclass
@@ -51,12 +48,9 @@ class BenchOptions:
 
 
 def synthetic_examples(n: int, seed: int) -> list[dict]:
-    if SHARED_TEXT.exists():
-        words = SHARED_TEXT.read_text(encoding="utf-8").split()
-    else:  # the offline corpus every Python has
-        from gpt2custom.data import read_stdlib_document, stdlib_corpus
+    from gpt2custom.data import read_stdlib_document, stdlib_corpus  # the offline corpus every Python has
 
-        words = " ".join(read_stdlib_document(name) for name in stdlib_corpus()[:200]).split()
+    words = " ".join(read_stdlib_document(name) for name in stdlib_corpus()[:200]).split()
     rng = random.Random(seed)
 
     def span(lo, hi):

@@ -31,8 +31,6 @@ from gpt2custom.hellaswag import load_hellaswag, score_endings
 from gpt2custom.tokenizer import load_tokenizer
 from modeling_gpt2custom import GPT2CustomForCausalLM
 
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
 
 @dataclass
 class BenchOptions:
@@ -46,13 +44,10 @@ class BenchOptions:
 
 
 def synthetic_examples(n: int, seed: int) -> list[dict]:
-    """HellaSwag rows with spans of real words (tinyshakespeare, else Python's own module docs)."""
-    if SHARED_TEXT.exists():
-        words = SHARED_TEXT.read_text(encoding="utf-8").split()
-    else:
-        import pydoc
+    """HellaSwag rows with spans of real words (Python's own module docs)."""
+    import pydoc
 
-        words = " ".join(pydoc.getdoc(m) for m in (random, statistics, tempfile, time)).split()
+    words = " ".join(pydoc.getdoc(m) for m in (random, statistics, tempfile, time)).split()
     rng = random.Random(seed)
 
     def span(lo, hi):

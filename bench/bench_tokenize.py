@@ -1,7 +1,7 @@
 """Tokenization throughput: our data-preparation encoder against tiktoken and HF `tokenizers`, same text, same cores.
 
-The text is >= `--megabytes` of real text: tinyshakespeare (../shared/data, when present) and then the offline
-`stdlib` corpus of prepare_data.py (Python's help topics and standard-library sources). Every encoder gets the same
+The text is >= `--megabytes` of real text: the offline `stdlib` corpus of prepare_data.py (Python's help topics and
+standard-library sources). Every encoder gets the same
 documents; tiktoken's GPT-2 encoding is built offline from the same BPE files as our tokenizer. Rows:
   * tiktoken: `encode_ordinary` per document (1 process), `encode_ordinary_batch(num_threads=N)` (all cores);
   * HF tokenizers (GPT2TokenizerFast's backend): `encode_batch_fast`, TOKENIZERS_PARALLELISM off / on (rayon);
@@ -16,15 +16,12 @@ Run:  python bench/bench_tokenize.py [--megabytes 12 --repeats 3 --num_proc N]
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from transformers import HfArgumentParser
 
 from gpt2custom.data import DocumentEncoder, encode_batches, gpt2_tiktoken, read_stdlib_document, stdlib_corpus
 from gpt2custom.tokenizer import load_tokenizer
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @dataclass
@@ -36,13 +33,6 @@ class BenchArguments:
 
 def real_documents(megabytes: float) -> list[str]:
     docs = []
-    if SHAKESPEARE.exists():  # one long text: cut into ~2k-character pieces at blank lines, like documents
-        piece = ""
-        for paragraph in SHAKESPEARE.read_text(encoding="utf-8").split("\n\n"):
-            piece += paragraph + "\n\n"
-            if len(piece) > 2000:
-                docs.append(piece)
-                piece = ""
     for name in stdlib_corpus():
         if sum(len(d.encode()) for d in docs) >= megabytes * 1e6:
             break

@@ -9,7 +9,7 @@ from unshifted `labels`, so a thin wrapper gives it the loader's shifted targets
 first-step losses of the rows must agree (up to bf16 rounding), which checks that they all do the same work.
 
 `--models` picks the rows (default ours,hf): `ours` is the step as pretrain.py runs it (`skip_logits=True`: only
-the loss, from `ChunkedLinearCrossEntropy`, never the B·T × V logits); `ours_logits` is our model the old way (logits
+the loss, from the chunked `chunked_linear_cross_entropy` op, never the B·T × V logits); `ours_logits` is our model the old way (logits
 returned, the library's `ForCausalLMLoss`, and accelerate's fp32 copy of the returned logits under bf16/fp16);
 `hf` is GPT2LMHeadModel, which always returns logits (the wrappers accept `skip_logits` and ignore it).
 
@@ -36,9 +36,15 @@ share of the logits path's peak (12 bytes per logit, see `logits_bytes`).
     OMP_NUM_THREADS=2 PYTHONPATH=. python bench/bench_train.py --device cpu --threads 2 --preset gpt2 \
         --precision bf16 --micro_batch_size 8 --warmup 1 --steps 1 --rounds 1 --isolate true
 
-Reference numbers (CPU measured, GPU predicted) and which flag measures which lever: bench/README.md. The goal on one
-H100 (/work/shared/docs/performance.md) is >= 580k tok/s (50 % MFU) and >= 1.3x GPT2LMHeadModel at the same
-micro-batch.
+`--eval_forward true` times instead the forward that validation runs (no_grad, under the run's autocast) of our model
+with `skip_logits=True` and on the logits path, interleaved, and checks that both give the same loss.
+
+    PYTHONPATH=. python bench/bench_train.py --device cpu --threads 2 --preset gpt2 --micro_batch_size 1 \
+        --seq_len 512 --eval_forward true
+
+Reference numbers (CPU measured, GPU not measured yet) and which flag measures which lever: bench/README.md. The
+goal on one H100 is >= 580k tok/s (50 % MFU at 989 TFLOP/s dense bf16 and 855 MFLOP/token) and >= 1.3x
+GPT2LMHeadModel at the same micro-batch.
 """
 
 import copy
@@ -139,6 +145,8 @@ class BenchTrainOptions:
         },
     )
     result_json: str | None = field(default=None, metadata={"help": "internal (--isolate): write results here"})
+    eval_forward: bool = field(default=False, metadata={
+        "help": "time validation's no_grad forward of our model, skip_logits against the logits path"})  # fmt: skip
     peak_flops: float | None = field(default=None, metadata={"help": "per device, for MFU; default from the GPU name"})
     profile: bool = field(default=False, metadata={"help": "after timing, print the top kernels of 3 profiled steps"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads; default torch's choice"})
@@ -523,6 +531,36 @@ def print_report(opts: BenchTrainOptions, config: GPT2CustomConfig, results: dic
             )
 
 
+def eval_forward_report(opts: BenchTrainOptions, config: GPT2CustomConfig, accelerator: Accelerator):
+    """Validation's forward (no_grad, autocast as in training, no KV cache), skip_logits against the logits path: median
+    wall ms of `steps` calls each, interleaved so that load from other processes hits both alike."""
+    torch.manual_seed(opts.seed)
+    model = GPT2CustomForCausalLM(config).to(accelerator.device).eval()
+    model.set_attn_implementation(opts.attn_implementation)
+    x, y = (t.to(accelerator.device) for t in RandomWindows(opts.micro_batch_size, opts.seq_len, opts.seed).next_batch())
+
+    def forward(skip):
+        with torch.no_grad(), accelerator.autocast():
+            loss = model(input_ids=x, shift_labels=y, use_cache=False, skip_logits=skip).loss
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize(accelerator.device)
+        return loss.item()
+
+    times, losses = {True: [], False: []}, {}
+    for i in range(opts.warmup + opts.steps):
+        for skip in (True, False):
+            start = time.perf_counter()
+            losses[skip] = forward(skip)
+            if i >= opts.warmup:
+                times[skip].append(time.perf_counter() - start)
+    ms = {skip: statistics.median(t) * 1e3 for skip, t in times.items()}
+    print(f"validation forward, {opts.micro_batch_size}×{opts.seq_len} tokens, V={config.vocab_size}, median of "
+          f"{opts.steps} after {opts.warmup} warm-up\n| forward | ms | loss |\n|---|---|---|")  # fmt: skip
+    print(f"| skip_logits (chunked loss) | {ms[True]:,.1f} | {losses[True]:.6f} |")
+    print(f"| logits path | {ms[False]:,.1f} | {losses[False]:.6f} |")
+    print(f"| skip_logits / logits path | **{ms[True] / ms[False]:.2f}x** | |")
+
+
 def run_isolated(opts: BenchTrainOptions, argv: list[str]) -> dict[str, dict]:
     """Each model in a fresh process of this script, one after the other; their results come back through JSON."""
     results = {}
@@ -573,6 +611,9 @@ def main(argv=None):
     )
     if opts.result_json is None:
         print("command: python " + " ".join(sys.argv))
+    if opts.eval_forward:
+        eval_forward_report(opts, config, accelerator)
+        return
     if opts.isolate:
         results = run_isolated(opts, sys.argv[1:] if argv is None else list(argv))
     else:

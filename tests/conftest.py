@@ -15,7 +15,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -364,9 +363,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="session")
 def real_text() -> str:
-    """About 1 MB of real English: tinyshakespeare when ../shared is there, else Python's own docs/sources."""
-    if SHARED_TEXT.exists():
-        return SHARED_TEXT.read_text(encoding="utf-8")
+    """About 1 MB of real text that every machine has: Python's own standard-library sources (code, comments and
+    docstrings), in a fixed order."""
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
