@@ -53,7 +53,8 @@ def parse_signals(names: str) -> list[signal.Signals]:
 
 class Notice:
     """The run's stop flag. Every rank makes one, installs it, and calls `should_stop()` (or `check()`) at the same
-    points; `stopping` is then the same on every rank."""
+    points; `reason` (None until then) is then set on every rank at the same call. `max_time` counts from this
+    start."""
 
     def __init__(self, accelerator, signals=(signal.SIGTERM, signal.SIGUSR1), max_time: float | None = None,
                  deadline_s: float | None = None):  # fmt: skip

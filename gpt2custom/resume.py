@@ -4,7 +4,9 @@ wraps the model, and agreed on by every rank.
 - `save_state` goes into `.step_N.tmp` and is renamed to `step_N` once every rank has written, with a
   `checkpoint.json` listing each file's size (subfolders included: FSDP writes its sharded model and optimizer as
   `torch.distributed.checkpoint` folders, one file per rank) and the model settings: a kill mid-save leaves the
-  previous checkpoint as the latest, and a truncated or missing file is found before anything is loaded.
+  previous checkpoint as the latest, and a truncated or missing file is found before anything is loaded. The same
+  step saved again (a resumed run finishing the step a notice interrupted) replaces the old folder by renames only.
+  `checkpoint.json` also records how long the save took: a preemption's deadline asks whether the next one fits.
 - The model's weights are saved under its own parameter names (not `_orig_mod.` / `module.`), so a checkpoint
   saved with `torch.compile` resumes without it and back, and under any world size.
 - On resume every rank lists the checkpoints it can read; they continue from the newest one that all of them have

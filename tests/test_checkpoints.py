@@ -131,3 +131,31 @@ def test_import_rejects_a_gpt2_with_another_activation():
 def test_load_model_names_the_path_it_cannot_load(tmp_path):
     with pytest.raises(ValueError, match=r"cannot load a causal LM from '.*no_such_model'"):
         load_model(str(tmp_path / "no_such_model"))
+
+
+def test_a_resave_killed_between_its_renames_leaves_the_old_checkpoint_to_resume_from(tmp_path):
+    """Saving a step that exists (a resumed run finishing the step a notice interrupted) moves the old folder aside,
+    renames the new one in, then deletes the old one. Killed between the two renames, the next start puts the old
+    one back and continues from it."""
+    from accelerate import Accelerator
+
+    from conftest import reset_process_state
+    from gpt2custom.resume import Checkpointer
+
+    reset_process_state()
+    try:
+        model = make_tiny_model()
+        accelerator = Accelerator(cpu=True)
+        accelerator.prepare(model)
+        checkpointer = Checkpointer(accelerator, tmp_path, model)
+        checkpointer.save(3)
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        (tmp_path / "step_000003").rename(tmp_path / ".step_000003.old")  # the moment between the two renames
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        assert checkpointer.resume() == tmp_path / "step_000003"
+        assert not list(tmp_path.glob(".step_*"))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    finally:
+        reset_process_state()

@@ -72,7 +72,7 @@ for action in actions:
             received.clear()
             note(f"send {_action['signal']} to {_action.get('to', 'self')} before {_action['at']} #{_calls[0]}")
             os.kill(os.getppid() if _action.get("to") == "launcher" else os.getpid(), signal.Signals[_action["signal"]])
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + (30 if _action.get("wait", True) else 0)
             while not received.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(_action.get("hold", 0))
@@ -277,6 +277,22 @@ def test_a_save_past_the_deadline_is_skipped_and_the_previous_checkpoint_stays(d
     assert "past preempt_deadline_s=1, so none" in output or "preempt_deadline_s=1 reached" in output
     code, lines, stderr = launch(data, out, (), "--checkpoint_interval", "4")
     assert code == 0, stderr[-3000:]
+    assert_same_as_reference(out, reference)
+
+
+@two_ranks
+@pytest.mark.slow
+def test_ranks_whose_launcher_is_killed_stop_like_on_a_notice(data, reference, tmp_path):
+    """SIGKILL to the launcher (torchrun gives its ranks no parent-death signal): the orphaned ranks see it at their
+    next check, save and exit 75 instead of training on alone."""
+    out = tmp_path / "run"
+    action = mid_step("SIGKILL") | {"wait": False}
+    code, lines, output = launch(data, out, [action])
+    assert code == -signal.SIGKILL and exits(lines) == {0: 75, 1: 75}, (code, lines, output[-3000:])
+    assert seconds_to_exit(lines) < 60
+    assert max(complete_checkpoints(out)) >= max(train_losses(out))
+    code, lines, output = launch(data, out)
+    assert code == 0, output[-3000:]
     assert_same_as_reference(out, reference)
 
 
