@@ -135,6 +135,20 @@ MUTATIONS = [
         (f"{R}::test_compiled_pretraining_equals_a_plain_nanogpt_reference",),
         "the chunked loss's hidden-state gradient not scaled by the incoming gradient (a sum's gradient for a mean)",
     ),
+    Mutation(
+        "chunked-ce-grads-under-no-grad", "modeling_gpt2custom.py",
+        "    grad_on = torch.is_grad_enabled()",
+        "    grad_on = True",
+        ("tests/test_chunked_loss.py::test_evaluation_and_a_frozen_head_compute_only_the_matmuls_they_need",),
+        "validation's no_grad forward computes both gradient matmuls it never uses (3x the head's work)",
+    ),
+    Mutation(
+        "chunked-ce-all-ignored-nan", "modeling_gpt2custom.py",
+        "    grad_loss = torch.where((targets != -100).any(), grad_loss, 0.0)\n",
+        "",
+        ("tests/test_chunked_loss.py::test_a_batch_with_every_label_ignored_gives_what_the_library_gives",),
+        "a batch whose labels are all -100 gives NaN gradients in every parameter (0 · inf)",
+    ),
     # ------------------------------------------------------------------------------------------- 6. last step
     Mutation(
         "last-step-not-evaluated", "pretrain.py",
