@@ -1,5 +1,5 @@
-"""One command from raw text to a published chat model: data -> pretrain -> evaluate -> chat data -> SFT -> chat
-samples -> publish, from one YAML config, with a cost estimate before and a report card after.
+"""One command from raw text to a published chat model: data (and chat data beside it) -> pretrain -> evaluate -> SFT
+-> chat samples -> publish, from one YAML config, with a cost estimate before and a report card after.
 
     python pipeline.py --config configs/pipeline-smoke.yaml --yes      # offline, CPU, a few minutes
     python pipeline.py --config configs/pipeline-124m.yaml               # the seed's journey on one 8-GPU node
@@ -17,8 +17,10 @@ The journey, top to bottom (`main`):
    changed: an upstream output, forced); a change redoes that stage and every later stage that read its output.
 4. The estimate (gpt2custom/estimate.py): tokens, steps, time and dollars per stage, printed with the decision as
    the plan table; `--plan_only true` stops here, otherwise a confirmation prompt (`--yes` skips it).
-5. Each stage to run: a stale output (other settings or inputs) is removed, the command is printed and run (its
-   output to the terminal and {run_dir}/logs/<stage>.log), the output is checked (gpt2custom/checks.py: enough
+5. Each stage to run, as soon as the stages it reads are done (gpt2custom/schedule.py: those on the devices
+   take turns, data and chat_data run beside them; a failure or a stop signal stops them all): a stale output
+   (other settings or inputs) is removed, the command is printed and run (its output to the terminal and
+   {run_dir}/logs/<stage>.log), the output is checked (gpt2custom/checks.py: enough
    usable chat rows, an SFT folder that loads and generates, non-empty answers), and only then the completion record
    is written. An interrupted stage continues through the script's own resume when the same command runs again.
 6. The report card (gpt2custom/report.py): {run_dir}/report.md and report.json, written whether the run succeeded
@@ -36,6 +38,7 @@ import json
 import resource
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,7 @@ from gpt2custom.files import write_json_atomic
 from gpt2custom.pipeline import STAGES, Plan
 from gpt2custom.records import TO_RUN, CheckFailed, current_inputs, decide, now
 from gpt2custom.report import prepare_publish, record_push, write_chat_samples, write_report
+from gpt2custom.schedule import run_graph
 
 
 class StageArgs(dict):
@@ -138,15 +142,23 @@ class State:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "pipeline_state.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+        self.lock = threading.Lock()  # stages running side by side record their attempts in one file
 
     def attempt(self, stage: str, command: str) -> dict:
-        record = {"command": command, "started": now(), "wall_s": None, "exit": None}
-        self.data["stages"].setdefault(stage, {"attempts": []})["attempts"].append(record)
+        # every key present from the start: another stage's thread may be saving the file meanwhile
+        record = {"command": command, "started": now(), "start_unix": time.time(), "wall_s": None, "cpu_s": None,
+                  "exit": None}
+        with self.lock:
+            self.data["stages"].setdefault(stage, {"attempts": []})["attempts"].append(record)
         self.save()
         return record
 
+    def attempts(self, stage: str) -> list[dict]:
+        return self.data["stages"].get(stage, {}).get("attempts", [])
+
     def save(self):
-        write_json_atomic(self.path, self.data)
+        with self.lock:
+            write_json_atomic(self.path, self.data)
 
 
 class StageFailed(RuntimeError):
@@ -212,6 +224,27 @@ def run_stage(plan: Plan, stage, decision, state: State, stages_by_name: dict):
     plan.records.finish(stage, extra)
 
 
+def run_stages(plan: Plan, todo: list, decisions: dict, state: State, by_name: dict) -> str | None:
+    """The stages to run as a graph (gpt2custom/schedule.py): each starts when the stages it reads are done, those
+    on the devices take turns, the others (data, chat_data) run beside them; each has its own log and resume. A
+    failure, Ctrl-C or SIGTERM stops every running stage (marked interrupted: the same command continues them).
+    Returns the failure's one line, or None."""
+    before = {s.name: len(state.attempts(s.name)) for s in todo}
+
+    def run(name):
+        print(f"\n[{name}] to run: {decisions[name].reason}", flush=True)
+        run_stage(plan, by_name[name], decisions[name], state, by_name)
+
+    outcome = run_graph([s.name for s in todo], {s.name: s.reads for s in todo}, run,
+                        started=lambda name: len(state.attempts(name)) > before[name],
+                        failures=(StageFailed, ValueError, OSError))
+    for name in outcome.stopped:  # stopped from outside, not failed: the report counts it as interrupted
+        if state.attempts(name):
+            state.attempts(name)[-1]["exit"] = "interrupted"
+    state.save()
+    return outcome.failure()
+
+
 def confirm(options: PipelineOptions) -> bool:
     if options.yes:
         return True
@@ -245,23 +278,11 @@ def main(argv: list[str] | None = None):
     state = State(plan.run_dir)
     state.data.update(plan_table=table, estimates=estimates)
     state.save()
-    failure = None
-    by_name = {s.name: s for s in stages}
     for stage in stages:  # 5
         decision = decisions[stage.name]
-        if decision.status != TO_RUN:
-            if stage.name in selected:
-                print(f"\n[{stage.name}] {decision.status}: {decision.reason}", flush=True)
-            continue
-        print(f"\n[{stage.name}] to run: {decision.reason}", flush=True)
-        try:
-            run_stage(plan, stage, decision, state, by_name)
-        except (StageFailed, ValueError, OSError) as e:
-            failure = str(e)
-            break
-        except (KeyboardInterrupt, SystemExit):  # stopped: the stage's process tree is gone; the report says so
-            failure = f"stopped during stage {stage.name}; rerun the same command to continue"
-            break
+        if decision.status != TO_RUN and stage.name in selected:
+            print(f"\n[{stage.name}] {decision.status}: {decision.reason}", flush=True)
+    failure = run_stages(plan, todo, decisions, state, {s.name: s for s in stages})
     report_md = write_report(plan, state.data, estimates)  # 6
     print(f"\nreport: {report_md} and {report_md.with_suffix('.json')}")
     if failure:

@@ -3,14 +3,15 @@ that runs it, its effective settings and the check its output must pass. `pipeli
 gpt2custom/records.py decides which must run, gpt2custom/estimate.py what they will cost, gpt2custom/report.py
 writes the report card after.
 
-Stages, in order (each is the script a user would run by hand; the pipeline only chooses paths and flags):
+Stages, in order (data and chat_data need no GPU; gpt2custom/schedule.py runs stages that do not read each other's
+output side by side; each is the script a user would run by hand; the pipeline only chooses paths and flags):
 
     stage      command                                  output                              reads
     data       prepare_data.py                          {run_dir}/data/                     -
-    pretrain   accelerate launch pretrain.py            {run_dir}/pretrain/final/           data
-    evaluate   accelerate launch eval_hellaswag.py      {run_dir}/evaluate/                 data, pretrain
     chat_data  generate_synthetic.py | python -m gpt2custom.stdlib_chat | an existing data set
                                                         {run_dir}/chat_data/chat.jsonl      -
+    pretrain   accelerate launch pretrain.py            {run_dir}/pretrain/final/           data
+    evaluate   accelerate launch eval_hellaswag.py      {run_dir}/evaluate/                 data, pretrain
     sft        accelerate launch sft.py                 {run_dir}/sft/                      pretrain, chat_data
     chat       chat.py, the prompts on its stdin        {run_dir}/chat/samples.json         sft, chat_data
     publish    publish.py (--dry_run folder unless `push`) {run_dir}/publish/              pretrain, evaluate, chat_data, sft
@@ -30,7 +31,9 @@ from .commands import flag_args, launch, rel, script
 from .estimate import hardware
 from .records import Records, Stage, file_identity
 
-STAGES = ("data", "pretrain", "evaluate", "chat_data", "sft", "chat", "publish")
+# The journey's order: the stages that need no GPU first, so `--until chat_data` prepares both data sets on a machine
+# without one (gpt2custom/schedule.py runs chat_data beside data + pretrain either way).
+STAGES = ("data", "chat_data", "pretrain", "evaluate", "sft", "chat", "publish")
 
 SCRIPT_DEFAULTS = {
     # The defaults of the flags the estimates read, as the scripts define them (tests/test_pipeline.py checks).
@@ -154,9 +157,9 @@ class Plan:
 
     # ------------------------------------------------------------------ the stages
     def stages(self) -> list[Stage]:
-        stages = [self.stage_data(), self.stage_pretrain(), self.stage_evaluate(), self.stage_chat_data(),
+        stages = [self.stage_data(), self.stage_chat_data(), self.stage_pretrain(), self.stage_evaluate(),
                   self.stage_sft(), self.stage_chat(), self.stage_publish()]
-        for stage, output in zip(stages, (self.data_dir, self.final_dir, self.eval_dir, self.chat_data_path,
+        for stage, output in zip(stages, (self.data_dir, self.chat_data_path, self.final_dir, self.eval_dir,
                                           self.sft_dir, self.chat_dir, self.publish_dir)):
             stage.where = self.short(output) + ("/" if output.suffix == "" else "")
         return stages
