@@ -94,6 +94,14 @@ class PipelineOptions:
                                                                              "gpt2custom/metrics.py GPU_SPECS)"})
     tokens_per_s_per_device: float | None = field(default=None, metadata={"help": "training throughput to assume "
                                                                                    "(default: THROUGHPUT table)"})
+    rates_from: str | None = field(default=None, metadata={"help": "a previous run's folder: its report.json's "
+                                                                   "measured stage times calibrate this estimate"})
+    download_mb_per_s: float | None = field(default=None, metadata={"help": "download rate of a Hub data source "
+                                                                            "(default: 100 MB/s, assumed)"})
+    spot_price_per_hour: float | None = field(default=None, metadata={"help": "$ per GPU-hour on spot/preemptible "
+                                                                              "GPUs: the plan adds a spot figure"})
+    preemption_overhead: float | None = field(default=None, metadata={"help": "extra device time lost to "
+                                                                              "preemptions on spot (default 0.10)"})
     # the stages' own flags
     data: StageArgs = stage_field("prepare_data.py flags")
     pretrain: StageArgs = stage_field("pretrain.py flags ('config': its YAML)")

@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from conftest import REPO
 from gpt2custom import pipeline as pl
+from gpt2custom.estimate import estimate
 from gpt2custom.schedule import critical_path, simulate
 
 READS = {"data": (), "chat_data": (), "pretrain": ("data",), "evaluate": ("data", "pretrain"),
@@ -154,3 +157,77 @@ def _options(**overrides):
                 chat={"prompts": ["hi"]}, publish={})
     base.update(overrides)
     return base
+
+
+def plan_and_decisions(tmp_path, **overrides):
+    from gpt2custom.records import decide
+
+    plan = pl.Plan(SimpleNamespace(**_options(run_dir=str(tmp_path / "run"), **overrides)))
+    return plan, decide(plan.stages(), plan.records, list(pl.STAGES))
+
+
+def test_device_time_only_for_device_stages_and_what_running_no_gpu_stages_first_saves(tmp_path):
+    from gpt2custom.estimate import plan_table, schedule
+
+    plan, decisions = plan_and_decisions(tmp_path, chat_data={"source": "synthetic", "max_prompts": 2000,
+                                                              "concurrency": 64}, spot_price_per_hour=1.0,
+                                         preemption_overhead=0.2, pretrain={"max_steps": 19073})  # the seed's run
+    est = estimate(plan)
+    s = {n: e["seconds"] for n, e in est.items()}
+    assert s["chat_data"] < s["data"] + s["pretrain"]  # the teacher finishes while pretraining runs
+    sched = schedule(plan, est, decisions)
+    rate = 8 * 2.49  # H100 list price per GPU-hour (gpt2custom/metrics.py), 8 GPUs
+    # by hand: data, then the device stages one after another; publish beside chat; chat_data beside data + pretrain
+    node = s["data"] + s["pretrain"] + s["evaluate"] + s["sft"] + s["chat"]
+    assert sched["node_s"] == pytest.approx(node) and sched["wall_s"] == pytest.approx(node)
+    assert est["chat_data"]["dollars"] == 0.0 and est["publish"]["dollars"] == 0.0
+    assert est["data"]["dollars"] == pytest.approx(s["data"] / 3600 * rate)  # the node waits for the data
+    assert est["pretrain"]["dollars"] == pytest.approx(s["pretrain"] / 3600 * rate)
+    assert sched["split_node_s"] == pytest.approx(node - s["data"])  # `--until chat_data` first, elsewhere
+    assert sched["node_dollars"] - sched["split_dollars"] == pytest.approx(s["data"] / 3600 * rate)
+    assert sched["spot"]["dollars"] == pytest.approx(node * 1.2 / 3600 * 1.0 * 8)
+    assert sched["path"] == ["data", "pretrain", "evaluate", "sft", "chat"]
+    table = plan_table(plan, est, decisions)
+    assert "critical path: data -> pretrain -> evaluate -> sft -> chat" in table and "saving $" in table
+    assert "shared/" not in table and "lent" not in table
+    # a slow teacher (one request at a time): SFT waits for it, and the node bills the wait
+    plan, decisions = plan_and_decisions(tmp_path, chat_data={"source": "synthetic", "max_prompts": 2000,
+                                                              "concurrency": 1},
+                                         pretrain={"max_steps": 19073})
+    est = estimate(plan)
+    sched = schedule(plan, est, decisions)
+    wait = est["chat_data"]["seconds"] - est["data"]["seconds"] - est["pretrain"]["seconds"] - est["evaluate"]["seconds"]
+    assert est["chat_data"]["dollars"] == pytest.approx(wait / 3600 * rate)
+
+
+def test_data_preparation_estimate_by_hand(tmp_path):
+    plan, _ = plan_and_decisions(tmp_path, data={"source": "HuggingFaceFW/fineweb-edu", "max_tokens": 10**9,
+                                                 "num_proc": 8}, download_mb_per_s=50)
+    e = estimate(plan)["data"]
+    download = 10**9 * 2.5 / 50e6  # 2.5 GB of Parquet at 50 MB/s = 50 s
+    work = 2.5e9 / (100e6 * 8) + 10**9 / (2.6e6 * 8)  # decode + tokenize on 8 cores = 51.2 s
+    assert e["seconds"] == pytest.approx(10 + max(download, work) + 2e9 / 500e6)
+    assert "download_mb_per_s" in e["note"] and "measured: bench/bench_tokenize.py" in e["note"]
+
+
+def test_rates_from_a_previous_run_calibrates_each_stage(tmp_path):
+    plan, _ = plan_and_decisions(tmp_path, gpu=None, num_gpus=None, cpu=True)
+    raw = estimate(plan)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    report = {"hardware": {"name": "cpu", "count": 1},
+              "stages": {"pretrain": {"status": "done", "wall_s": 90.0, "estimate": {"raw_seconds": 30.0}},
+                         "sft": {"status": "interrupted", "wall_s": 5.0, "estimate": {"raw_seconds": 50.0}}}}
+    (previous / "report.json").write_text(json.dumps(report))
+    plan, _ = plan_and_decisions(tmp_path, gpu=None, num_gpus=None, cpu=True, rates_from=str(previous))
+    est = estimate(plan)
+    assert est["pretrain"]["seconds"] == pytest.approx(raw["pretrain"]["seconds"] * 3.0)
+    assert est["pretrain"]["basis"] == "calibrated" and "x3.00" in est["pretrain"]["note"]
+    assert est["sft"]["seconds"] == raw["sft"]["seconds"]  # not finished there: no rate from it
+    report["hardware"] = {"name": "H100", "count": 8}
+    (previous / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=r"--rates_from .*previous: that run used 8 x H100, this plan 1 x cpu"):
+        estimate(plan)
+    with pytest.raises(ValueError, match="cannot read .*report.json"):
+        estimate(pl.Plan(SimpleNamespace(**_options(cpu=True, gpu=None, num_gpus=None,
+                                                    rates_from=str(tmp_path / "nothing")))))
