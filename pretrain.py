@@ -197,9 +197,7 @@ class Pretrainer:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
             torch.backends.cudnn.conv.fp32_precision = "tf32"
         set_seed(args.seed)
-        # from here on a SIGTERM / SIGUSR1 is a notice: the run stops at the next point where every rank checks
         self.notice = Notice(acc, parse_signals(args.preempt_signals), args.max_time, args.preempt_deadline_s)
-        self.notice.install()
         self.grad_accum = gradient_accumulation(args, acc.num_processes)
         loader_args = dict(batch_size=args.micro_batch_size, seq_len=args.block_size, rank=acc.process_index,
                            world_size=acc.num_processes)  # fmt: skip
@@ -361,6 +359,7 @@ class Pretrainer:
     def train(self) -> bool:
         """The run, or what is left of it; True when it stopped for a notice (checkpoint written)."""
         args, acc, progress, log = self.args, self.accelerator, self.progress, self.logger
+        self.notice.install()  # from here on SIGTERM / SIGUSR1 is a notice: every rank stops at its next check
         acc.init_trackers("pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
         if args.resume == "false" and (used := used_by(self.out)):
             raise ValueError(f"output_dir {self.out} already holds a run ({used}): continue it with --resume auto, "
