@@ -20,6 +20,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import httpx2  # huggingface_hub's HTTP client: its transport errors are "no network"
+from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from trl import TrlParser
 
@@ -81,6 +83,9 @@ def main(argv=None):
         sys.exit(f"publish.py: {e}")
     except (HfHubHTTPError, OfflineModeIsEnabled) as e:  # the URL and the server's reason, never the token
         sys.exit(f"publish.py: upload to {args.repo_id} failed: {e}")
+    except httpx2.TransportError as e:  # no network, refused, DNS, timeout: nothing was uploaded
+        sys.exit(f"publish.py: upload to {args.repo_id} failed: cannot reach {constants.ENDPOINT} "
+                 f"({type(e).__name__}: {e}); the folder was built and nothing was uploaded")
     print(f"uploaded to {info.commit_url}")
 
 

@@ -25,6 +25,7 @@ from modeling_gpt2custom import GPT2CustomForCausalLM
 
 from .chat import add_chat_format, stop_token_ids
 from .checkpoints import export_gpt2
+from .formatting import fmt_count, fmt_dollars, fmt_seconds
 from .tokenizer import EOT_ID, load_tokenizer
 
 HANDLER_FILE = Path(__file__).resolve().parents[1] / "handler.py"
@@ -243,28 +244,17 @@ def _eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 # ------------------------------------------------------------------------------------------------- model card
 
 
-def _human(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def training_rows(training: dict) -> list[tuple[str, str]]:
     """(label, value) rows for the card from a run summary; keys that are absent or None are left out."""
     formats = {
-        "tokens": ("Training tokens", lambda v: f"{_human(v)} ({v:,})"),
+        "tokens": ("Training tokens", lambda v: f"{fmt_count(v)} ({v:,})"),
         "steps": ("Optimizer steps", lambda v: f"{v:,}"),
-        "wall_time_s": ("Training time", _duration),
+        "wall_time_s": ("Training time", fmt_seconds),
         "tokens_per_s": ("Throughput", lambda v: f"{v:,.0f} tokens/s"),
         "mfu": ("Model FLOPs utilization", lambda v: f"{v:.1%}"),
         "gpu": ("Hardware", str),
         "num_processes": ("Processes (GPUs)", str),
-        "dollars": ("Compute cost", lambda v: f"${v:,.2f}"),
+        "dollars": ("Compute cost", fmt_dollars),
         "val_loss": ("Final validation loss", lambda v: f"{v:.4f}"),
         "hellaswag_acc_norm": ("HellaSwag acc_norm during training", lambda v: f"{v:.4f}"),
     }
@@ -501,7 +491,7 @@ def write_model_card(
         model_name=model_name,
         remote_arg=", trust_remote_code=True" if remote_code else "",
         remote_code=remote_code,
-        params=_human(params) if params else "unknown",
+        params=fmt_count(params) if params else "unknown",
         architecture=(config.get("architectures") or [config.get("model_type")])[0],
         n_layer=config.get("n_layer"),
         n_head=config.get("n_head"),

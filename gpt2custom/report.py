@@ -68,6 +68,7 @@ def pretrain_metrics(plan) -> dict:
     keys = ("tokens", "steps", "wall_time_s", "tokens_per_s", "mfu", "flops_per_token", "gpu", "num_processes",
             "dollars", "val_loss", "unigram_val_loss", "hellaswag_acc_norm")
     out = {k: summary.get(k) for k in keys}
+    out["val_tokens_scored"] = pretrain_perplexity(plan, {"val_loss": 0.0}).get("tokens")
     out["plots"] = [rel_to(plan.run_dir, plan.pretrain_dir / f) for f in ("loss.png", "hellaswag.png")
                     if (plan.pretrain_dir / f).exists()]
     return out
@@ -88,6 +89,11 @@ def eval_metrics(plan, pretrain: dict) -> dict:
         return {"hellaswag": None, "results": [row], "table": results_table([row]), "chart": None,
                 "basis": f"{MEASURED} by pretrain.py (validation loss), not by eval_hellaswag.py"}
     return {}
+
+
+def pretrain_perplexity_tokens(stages: dict) -> int | None:
+    """The tokens behind pretrain.py's validation loss, as the report collected them."""
+    return stages["pretrain"]["metrics"].get("val_tokens_scored")
 
 
 def pretrain_perplexity(plan, pretrain: dict) -> dict:
@@ -382,6 +388,64 @@ def prepare_publish(plan, state: dict):
     write_json_atomic(plan.sft_dir / "run_summary.json", summary)
 
 
+# ------------------------------------------------------------------------------------------------ estimate vs measured
+
+
+def estimate_vs_measured(report: dict, state: dict) -> dict:
+    """Each stage's estimate beside what it measured, and this invocation's timeline: when each stage it ran started
+    and ended (seconds from the first start; pipeline_state.json), the wall time from the first start to the last
+    end against the sum of the stages, and the plan's critical path against that wall time."""
+    since = state.get("started_unix") or 0.0
+    spans = {}
+    for name, record in (state.get("stages") or {}).items():
+        runs = [(a["start_unix"], a["start_unix"] + a["wall_s"]) for a in record.get("attempts", [])
+                if a.get("start_unix") and a["start_unix"] >= since and a.get("wall_s") is not None]
+        if runs:
+            spans[name] = (min(r[0] for r in runs), max(r[1] for r in runs))
+    origin = min((a for a, _ in spans.values()), default=0.0)
+    rows = []
+    for name, s in report["stages"].items():
+        e = s.get("estimate") or {}
+        start, end = spans.get(name, (None, None))
+        measured, estimated = s.get("wall_s"), e.get("seconds")
+        rows.append({"stage": name, "device": e.get("device"), "basis": e.get("basis"),
+                     "start_s": None if start is None else start - origin, "end_s": None if end is None else end - origin,
+                     "measured_s": measured, "estimated_s": estimated,
+                     "ratio": measured / estimated if (measured and estimated) else None,
+                     "measured_dollars": s.get("device_dollars"), "estimated_dollars": e.get("dollars")})
+    ran = [r for r in rows if r["start_s"] is not None]
+    ends = [(e or {}).get("end") for e in (state.get("estimates") or {}).values()]
+    return {"rows": rows,
+            "wall_s": max(r["end_s"] for r in ran) if ran else None,
+            "stages_s": sum(r["end_s"] - r["start_s"] for r in ran) if ran else None,
+            "estimated_wall_s": max((x for x in ends if x is not None), default=None),
+            "calibrated": any(r["basis"] == "calibrated" for r in rows)}
+
+
+def estimate_vs_measured_md(data: dict | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["## Estimate vs measured", "",
+             "| stage | runs on | this run: start - end | measured wall | estimated (basis) | measured / estimated | "
+             "device $ measured | device $ estimated |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        when = "-" if r["start_s"] is None else f"{fmt_seconds(r['start_s'])} - {fmt_seconds(r['end_s'])}"
+        on = {True: "devices", False: "no GPU needed", None: "-"}[r["device"]]
+        lines.append(f"| {r['stage']} | {on} | {when} | {fmt_seconds(r['measured_s'])} | "
+                     f"{fmt_seconds(r['estimated_s'])} ({r['basis'] or '-'}) | {fmt_number(r['ratio'], '.2f')} | "
+                     f"{fmt_dollars(r['measured_dollars'])} | {fmt_dollars(r['estimated_dollars'])} |")
+    lines.append("")
+    if data["wall_s"] is not None:
+        est = data["estimated_wall_s"]
+        off = f" ({(est - data['wall_s']) / data['wall_s']:+.0%})" if est and data["wall_s"] else ""
+        lines += [f"This invocation: {fmt_seconds(data['wall_s'])} of wall time from the first stage's start to the "
+                  f"last stage's end, for {fmt_seconds(data['stages_s'])} of stages (stages that read nothing of each "
+                  f"other run side by side). The plan's critical path: {fmt_seconds(est)}{off}"
+                  f"{', calibrated by --rates_from' if data['calibrated'] else ''}. To estimate the next run on this "
+                  "machine from these times: `pipeline.py --rates_from <this run folder>`.", ""]
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ report.md
 
 
@@ -439,6 +503,12 @@ def render(report: dict) -> str:
             lines += [f"HellaSwag {hs.get('split')}, {hs.get('n')} examples, both conventions (completion = "
                       "build-nanogpt/llm.c, harness = lm-evaluation-harness); accuracies in %.", ""]
         lines += ["```", e["table"], "```", ""]
+        ours = next((r.get("perplexity") for r in e.get("results") or [] if r.get("perplexity")), None)
+        if ours and p.get("val_loss") is not None and e.get("basis") == MEASURED:
+            lines += [f"Two validation losses of the same model: pretrain.py's {p['val_loss']:.4f} is the mean over "
+                      f"its first {fmt_count(pretrain_perplexity_tokens(st))} validation tokens in non-overlapping "
+                      f"blocks; eval_hellaswag.py's {ours['loss']:.4f} is over {fmt_count(ours.get('tokens'))} tokens "
+                      "(its own windows over the same shards). Different tokens, so the figures differ a little.", ""]
         if e.get("chart"):
             lines += [f"![comparison]({e['chart']})", ""]
     c = st["chat_data"]["metrics"]
@@ -486,6 +556,7 @@ def render(report: dict) -> str:
         lines += [f"Dry run: `{pb['folder']}` ({len(pb['files'])} files: {', '.join(pb['files'])}), what "
                   f"`publish.py` would upload to `{pb['repo_id']}`; its model card takes these figures "
                   "(card_eval.json, the SFT folder's run_summary.json).", ""]
+    lines += estimate_vs_measured_md(report.get("estimate_vs_measured"))
     if report.get("plan_table"):
         lines += ["## The plan, as the latest invocation printed it (estimated)", "", "```", report["plan_table"], "```", ""]
     return "\n".join(lines)
@@ -493,5 +564,6 @@ def render(report: dict) -> str:
 
 def write_report(plan, state: dict, estimates: dict) -> Path:
     report = collect(plan, state, estimates)
+    report["estimate_vs_measured"] = estimate_vs_measured(report, state)
     write_json_atomic(plan.run_dir / "report.json", report)
     return write_atomic(plan.run_dir / "report.md", render(report))

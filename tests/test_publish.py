@@ -306,3 +306,20 @@ def test_upload_commits_the_dry_run_files_and_never_prints_the_token(checkpoint,
             assert headers.get("authorization") == f"Bearer {FAKE_TOKEN}", path
     # Byte for byte what --dry_run wrote.
     assert hub.files == {p.name: p.read_bytes() for p in dry_run.iterdir()}
+
+
+def test_upload_without_a_network_is_one_line(checkpoint, monkeypatch, capfd):
+    """A Hub that cannot be reached (nothing listens on the port): one line naming the endpoint, not a traceback."""
+    import socket
+
+    ckpt, _ = checkpoint
+    with socket.socket() as s:  # a port that was free a moment ago: connecting to it is refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(SystemExit) as info:
+        publish.main(["--model_dir", str(ckpt), "--repo_id", REPO_ID])
+    assert str(info.value).startswith(f"publish.py: upload to {REPO_ID} failed: cannot reach {dead} (ConnectError")
+    assert FAKE_TOKEN not in str(info.value) + "".join(capfd.readouterr())
