@@ -449,6 +449,21 @@ def estimate_vs_measured_md(data: dict | None) -> list[str]:
 # ------------------------------------------------------------------------------------------------ report.md
 
 
+def sample_summary(samples: list[dict]) -> str:
+    """What the samples show the model can do, counted: answers at all, stopping by itself, the reference's words."""
+    n = len(samples)
+    answered = sum(bool(x["answer"].strip()) for x in samples)
+    ended = sum(x.get("ended_by") == "end token" for x in samples)
+    exact = sum(x.get("reference") is not None and x["answer"].strip() == x["reference"].strip() for x in samples)
+    with_ref = [x for x in samples if x.get("reference")]
+    overlap = [len(set(x["answer"].lower().split()) & set(x["reference"].lower().split()))
+               / max(1, len(set(x["reference"].lower().split()))) for x in with_ref]
+    words = f"; on average {sum(overlap) / len(overlap):.0%} of a reference answer's words appear in the model's" \
+        if overlap else ""
+    return (f"In all: {answered} of {n} answers non-empty, {ended} ended by the model's own end token, {exact} equal "
+            f"to the chat data's reference answer{words} (measured on these samples).")
+
+
 def render(report: dict) -> str:
     st, totals = report["stages"], report["totals"]
     hw = report["hardware"]
@@ -545,6 +560,7 @@ def render(report: dict) -> str:
                 lines += [f"{x['answer_tokens']} tokens, ended by {x['ended_by']}; the prompt is {seen}.", ""]
             if x.get("reference"):
                 lines += [f"Reference answer (chat data): {x['reference']}", ""]
+        lines += [sample_summary(ch["samples"]), ""]
     elif ch.get("transcript"):
         lines += ["The answers could not be told apart in chat.py's output; the transcript:", "", "```",
                   ch["transcript"], "```", ""]

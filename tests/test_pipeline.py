@@ -460,3 +460,14 @@ def test_sigterm_to_the_pipeline_stops_the_stage_under_it(tmp_path):
     while os.path.exists(f"/proc/{grandchild}") and "Z" not in open(f"/proc/{grandchild}/stat").read().split()[2]:
         assert time.monotonic() < deadline, "the stage's own child survived the pipeline"
         time.sleep(0.05)
+
+
+def test_sample_summary_counts_by_hand():
+    from gpt2custom.report import sample_summary
+
+    samples = [{"answer": "Return the x.", "ended_by": "end token", "reference": "Return the x."},
+               {"answer": "the cat", "ended_by": "max_new_tokens", "reference": "The dog sat"},  # 1 of 3 words
+               {"answer": "", "ended_by": "end token", "reference": None}]
+    assert sample_summary(samples) == ("In all: 2 of 3 answers non-empty, 2 ended by the model's own end token, 1 "
+                                       "equal to the chat data's reference answer; on average 67% of a reference "
+                                       "answer's words appear in the model's (measured on these samples).")
