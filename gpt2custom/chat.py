@@ -7,9 +7,8 @@ them alone, and `<|endoftext|>` sits inside the assistant turn so the model lear
     <|system|>\nYou are helpful.\n<|user|>\nHi!\n<|assistant|>\nHello!<|endoftext|>\n
 """
 
-from pathlib import Path
 
-from .tokenizer import load_tokenizer
+from .files import model_tokenizer
 
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = [f"<|{role}|>" for role in ROLES]
@@ -50,10 +49,8 @@ def stop_token_ids(tokenizer) -> list[int]:
 def load_chat_tokenizer(name_or_path: str | None = None, model_vocab_size: int = 50304, **kwargs):
     """The tokenizer of a model folder or Hub repo with the chat format added; GPT-2's own (offline) when
     `name_or_path` is None or a local folder without tokenizer files (a bare weights folder)."""
-    if name_or_path is not None and Path(name_or_path).is_dir():
-        name_or_path = name_or_path if (Path(name_or_path) / "tokenizer_config.json").exists() else None
     try:
-        tokenizer = load_tokenizer(name_or_path, **kwargs) if name_or_path else load_tokenizer()
+        tokenizer = model_tokenizer(name_or_path, **kwargs)
     except OSError as e:
         raise ValueError(f"no tokenizer in {name_or_path!r} ({e}); pass a tokenizer folder or Hub id") from e
     return add_chat_format(tokenizer, model_vocab_size)

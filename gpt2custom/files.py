@@ -41,3 +41,17 @@ def write_atomic(path: "str | Path", data: "str | bytes", mode: int = FILE_MODE)
 
 def write_json_atomic(path: "str | Path", payload) -> Path:
     return write_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_tokenizer(name_or_path: "str | Path | None" = None, **kwargs):
+    """The tokenizer a model folder or Hub repo carries; GPT-2's own (offline) for None or a local folder saved
+    without tokenizer files (a bare weights folder). The one fallback the scripts share."""
+    from .tokenizer import load_tokenizer
+
+    folder = Path(name_or_path) if name_or_path is not None else None
+    if folder is None or (folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES)):
+        return load_tokenizer()
+    return load_tokenizer(str(name_or_path), **kwargs)

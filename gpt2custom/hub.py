@@ -25,8 +25,9 @@ from modeling_gpt2custom import GPT2CustomForCausalLM
 
 from .chat import add_chat_format, stop_token_ids
 from .checkpoints import export_gpt2
+from .files import model_tokenizer
 from .formatting import fmt_count, fmt_dollars, fmt_seconds
-from .tokenizer import EOT_ID, load_tokenizer
+from .tokenizer import EOT_ID
 
 HANDLER_FILE = Path(__file__).resolve().parents[1] / "handler.py"
 # Installed by Inference Endpoints when the image is built: the remote code uses the 5.2x cache and mask APIs,
@@ -568,8 +569,7 @@ def build_upload_folder(
 
     # The repo's own classes: the published model files are this checkout's, and the logits test checks they fit.
     model = GPT2CustomForCausalLM.from_pretrained(model_dir, dtype="auto")
-    has_tokenizer = (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
-    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=True) if has_tokenizer else load_tokenizer()
+    tokenizer = model_tokenizer(model_dir, trust_remote_code=True)
     if not tokenizer.chat_template:
         add_chat_format(tokenizer, model.config.vocab_size)
     tokenizer.model_max_length = model.config.block_size

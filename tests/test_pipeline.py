@@ -471,3 +471,17 @@ def test_sample_summary_counts_by_hand():
     assert sample_summary(samples) == ("In all: 2 of 3 answers non-empty, 2 ended by the model's own end token, 1 "
                                        "equal to the chat data's reference answer; on average 67% of a reference "
                                        "answer's words appear in the model's (measured on these samples).")
+
+
+def test_one_tokenizer_fallback_for_bare_and_full_folders(tmp_path, tokenizer):
+    """gpt2custom.files.model_tokenizer: a weights-only folder gets GPT-2's tokenizer, a folder with tokenizer files
+    its own (here one with the chat format), None GPT-2's; the publish and chat paths use it."""
+    from gpt2custom.chat import add_chat_format
+    from gpt2custom.files import model_tokenizer
+
+    bare, full = tmp_path / "bare", tmp_path / "full"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    add_chat_format(model_tokenizer(None)).save_pretrained(full)
+    assert model_tokenizer(bare).get_vocab() == tokenizer.get_vocab() and not model_tokenizer(bare).chat_template
+    assert model_tokenizer(full).chat_template and len(model_tokenizer(full)) == len(tokenizer) + 3
