@@ -12,10 +12,15 @@ huggingface_hub, trl; plus torch and transformers for --model), and set the Spac
 """
 
 import os
+import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-from huggingface_hub.utils import build_hf_headers, http_backoff
+from huggingface_hub import get_session
+from huggingface_hub.utils import build_hf_headers
 from trl import TrlParser
+
+from gpt2custom.synthetic import RETRY_STATUS, RetryPolicy, retry_after_seconds
 
 
 @dataclass
@@ -64,26 +69,27 @@ class LocalBackend:
 
 
 class EndpointBackend:
-    """POSTs to an Inference Endpoint running handler.py; retries 429/5xx (an endpoint scaled to zero answers 503
-    while it starts)."""
+    """POSTs to an Inference Endpoint running handler.py; retries 408/425/429/5xx (an endpoint scaled to zero
+    answers 503 while it starts) with the project's one retry policy (gpt2custom.synthetic.RetryPolicy: exponential
+    backoff with jitter, the server's Retry-After first)."""
 
-    def __init__(self, url: str, timeout_s: float = 120.0, token: str | None = None):
+    def __init__(self, url: str, timeout_s: float = 120.0, token: str | None = None,
+                 policy: RetryPolicy | None = None):
         self.url, self.timeout_s = url, timeout_s
         self.headers = build_hf_headers(token=token)  # HF_TOKEN or the saved login, if any
+        self.policy = policy or RetryPolicy(max_attempts=5, base_delay=1.0, max_delay=30.0)
 
     def __call__(self, messages: list[dict], parameters: dict) -> str:
-        try:
-            response = http_backoff(
-                "POST",
-                self.url,
-                json={"inputs": messages, "parameters": parameters},
-                headers=self.headers,
-                timeout=self.timeout_s,
-                max_retries=4,
-                retry_on_status_codes=(429, 500, 502, 503, 504),
-            )
-        except Exception as e:  # the transport's errors (refused, timeout, offline mode): all mean "no answer"
-            raise ChatError(f"cannot reach {self.url}: {type(e).__name__}: {e}") from e
+        body = {"inputs": messages, "parameters": parameters}
+        for attempt in range(1, self.policy.max_attempts + 1):
+            try:
+                response = get_session().post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
+            except Exception as e:  # the transport's errors (refused, timeout, offline mode): all mean "no answer"
+                raise ChatError(f"cannot reach {self.url}: {type(e).__name__}: {e}") from e
+            busy = response.status_code in RETRY_STATUS or response.status_code >= 500
+            if not busy or attempt == self.policy.max_attempts:
+                break
+            time.sleep(self.policy.delay(attempt, retry_after_seconds(SimpleNamespace(response=response))))
         try:
             body = response.json()
         except ValueError:

@@ -100,8 +100,31 @@ def test_endpoint_backend_posts_the_handler_request_with_the_token(endpoint, loc
 
 def test_endpoint_refusal_reaches_the_user_as_a_chat_error(endpoint, hub_online):
     too_long = [{"role": "user", "content": "word " * 400}]  # > the tiny model's 256-token context
-    with pytest.raises(ChatError, match="context is 256 tokens"):
+    with pytest.raises(ChatError, match="the last message does not fit in 246 tokens"):  # 256 - 10 for the answer
         EndpointBackend(endpoint.url)(too_long, GREEDY)
+
+
+def test_endpoint_busy_is_retried_by_the_project_policy(local, hub_online, folder, tokenizer):
+    """An endpoint scaled to zero answers 503 while it starts: the backend waits (RetryPolicy's backoff) and asks
+    again, then answers; one that stays busy is one ChatError after max_attempts."""
+    from gpt2custom.synthetic import RetryPolicy
+
+    calls = []
+
+    def respond(method, path, headers, body):
+        calls.append(path)
+        if len(calls) <= 2:
+            return 503, {"error": "starting"}
+        return 200, local.handler(json.loads(body))
+
+    policy = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.01)
+    with serve_json(respond) as server:
+        assert EndpointBackend(server.url + "/", policy=policy)(MESSAGES, GREEDY) == expected_answer(folder, tokenizer)
+        assert len(calls) == 3
+        calls.clear()
+        with pytest.raises(ChatError, match="starting"):  # the endpoint's own reason
+            EndpointBackend(server.url + "/", policy=RetryPolicy(max_attempts=2, base_delay=0.01))(MESSAGES, GREEDY)
+        assert len(calls) == 2
 
 
 @pytest.mark.parametrize("argv", [[], ["--model", "x", "--endpoint_url", "http://127.0.0.1:1/"]])
