@@ -5,6 +5,7 @@ more than CI's whole budget; run before changing those numbers or the smoke conf
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -121,4 +122,11 @@ def test_the_main_job_as_written_ends_with_a_complete_report(tmp_path):
     samples = metrics["chat"]["samples"]
     # the README: "a chat model that answers in the chat format and stops at its end token, three sample answers"
     assert [x["ended_by"] for x in samples] == ["end token"] * 3, samples
+    assert all(x["answer"].strip() for x in samples), samples  # issue 22: two of three answers were empty
     assert (run / "publish" / "model.safetensors").exists() and (run / "report.md").exists()
+    # the README: "A second run skips every finished stage" (and quickly: nothing runs, nothing loads a model)
+    start = time.monotonic()
+    again = run_script("pipeline.py", "--config", "configs/pipeline-smoke.yaml", "--yes", cwd=repo, timeout=300,
+                       env={"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "2"})
+    assert time.monotonic() - start <= 60
+    assert not re.search(r"^\[\w+\] \$ ", again.stdout, re.MULTILINE), again.stdout  # no command ran
