@@ -110,8 +110,15 @@ class Records:
             "id": previous.get("id") or uuid.uuid4().hex,  # two runs in the same second still differ
         })  # fmt: skip
 
+    def fail(self, stage: Stage, reason: str):
+        """The output did not pass its check: the record stays unfinished and says why (the plan shows it)."""
+        record = self.read(stage.name)
+        record["failed"] = reason
+        write_json_atomic(self.path(stage.name), record)
+
     def finish(self, stage: Stage, extra: dict | None = None):
         record = self.read(stage.name)
+        record.pop("failed", None)
         record.update(finished=now(), **(extra or {}))
         write_json_atomic(self.path(stage.name), record)
 
@@ -163,6 +170,8 @@ def _decide_one(stage: Stage, by_name: dict, decided: dict, records: Records, fo
         if (record.get("inputs") or {}).get(name) != records.identity(by_name[name]):
             return Decision(TO_RUN, f"input changed: {by_name[name].label()}", stale=True)
     if not record.get("finished"):
+        if record.get("failed"):
+            return Decision(TO_RUN, f"its output failed the check: {record['failed']}", resume=True)
         return Decision(TO_RUN, "interrupted: continues where it stopped", resume=True)
     if not stage.output.exists():
         return Decision(TO_RUN, f"output missing: {stage.output}", stale=True)

@@ -337,6 +337,8 @@ def test_decisions_follow_settings_inputs_and_force(tmp_path):
     now = decide(stages(), records, names)
     assert [now[n].status for n in names] == ["done", "done", "done", "to run"]
     assert now["d"].reason.startswith("interrupted") and now["d"].resume and not now["d"].stale
+    records.fail(stages()[3], "2 usable rows, expected at least 16")
+    assert decide(stages(), records, names)["d"].reason == "its output failed the check: 2 usable rows, expected at least 16"
 
     changed = decide(stages(lr=0.005), records, names)
     assert [changed[n].status for n in names] == ["done", "to run", "to run", "to run"]
