@@ -228,6 +228,7 @@ def run_stage(plan: Plan, stage, decision, state: State, stages_by_name: dict):
     try:
         stage.check()
     except CheckFailed as e:
+        plan.records.fail(stage, str(e))
         raise StageFailed(f"stage {stage.name}: {e}") from None
     plan.records.finish(stage, extra)
 
