@@ -16,6 +16,11 @@ Run:
     python generate_synthetic.py --base_url http://127.0.0.1:8080/v1 --model gpt2custom ...
 
 The first line on stdout is `listening on http://HOST:PORT` once the model is loaded.
+
+Why not `transformers serve`: it needs the `openai` package (transformers[serving]), and, checked with transformers
+5 on one of our SFT folders with `--trust-remote-code`, it looks the model class up as an attribute of the
+`transformers` module (`getattr(transformers, config.architectures[0])` in cli/serving/model_manager.py), so a
+remote-code checkpoint fails: "module transformers has no attribute GPT2CustomForCausalLM".
 """
 
 import json
