@@ -375,8 +375,14 @@ class Pretrainer:
             f"{args.total_batch_size:,} tokens/step, {args.max_steps} steps, precision {acc.mixed_precision}"
         )
         log.start()
-        if progress.after_step_pending and self.after_step():  # a notice cut this step's evaluation short
-            return self.stop_for_notice()
+        if progress.after_step_pending:  # a notice cut this step's evaluation short: finish it first
+            if self.fsdp:
+                # FSDP2 allocates its unsharded parameters at the first forward; made under HellaSwag's inference
+                # mode they would be inference tensors that training's all-gathers cannot write into.
+                with torch.no_grad():
+                    self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=acc.device), use_cache=False)
+            if self.after_step():
+                return self.stop_for_notice()
         while progress.step < args.max_steps:
             start = step_start(self.train_loader)
             result = train_step(

@@ -116,14 +116,17 @@ def data(tmp_path_factory, real_text):
     return root
 
 
-def launch(data, out, actions=(), *extra, env=None, timeout=240):
+DDP = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+FSDP = ("--config_file", "accelerate_configs/fsdp2_cpu_2proc.yaml")
+
+
+def launch(data, out, actions=(), *extra, env=None, timeout=240, launcher=DDP):
     """Two gloo ranks under `accelerate launch`, each running SIGNAL_AT with `actions`. Returns (launcher exit code,
     log lines, stdout + stderr)."""
     log = out.parent / f"{out.name}.log"
     log.unlink(missing_ok=True)
     log.touch()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--main_process_port", "0",
            str(data / "signal_at.py"), "pretrain.py", "--data_dir", str(data / "shards"), "--hellaswag_path",
            str(data / "hellaswag.jsonl"), "--output_dir", str(out), *RUN, *map(str, extra)]  # fmt: skip
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
@@ -278,6 +281,27 @@ def test_a_save_past_the_deadline_is_skipped_and_the_previous_checkpoint_stays(d
     code, lines, stderr = launch(data, out, (), "--checkpoint_interval", "4")
     assert code == 0, stderr[-3000:]
     assert_same_as_reference(out, reference)
+
+
+@two_ranks
+@pytest.mark.slow
+def test_fsdp2_notice_in_hellaswag_then_the_next_start_ends_bitwise_equal(data, tmp_path):
+    """FSDP2 (sharded weights and checkpoints, float64): the notice in HellaSwag's first forward at step 3 (no
+    validation there); the next start scores that step's HellaSwag before training on, so HellaSwag (under
+    inference mode) makes the sharded model's first forward."""
+    extra = ["--precision", "fp64", "--hellaswag_interval", "3"]
+    reference = tmp_path / "reference"
+    code, lines, output = launch(data, reference, (), *extra, launcher=FSDP)
+    assert code == 0, output[-3000:]
+    out = tmp_path / "run"
+    code, lines, output = launch(data, out, [MOMENTS["hellaswag"]], *extra, launcher=FSDP)
+    assert code == SIGTERM_CODE and exits(lines) == {0: 75, 1: 75}, (code, lines, output[-3000:])
+    assert max(complete_checkpoints(out)) == 3
+    code, lines, output = launch(data, out, (), *extra, launcher=FSDP)
+    assert code == 0, output[-3000:]
+    assert_same_as_reference(out, reference)
+    eval_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 3 in {r["step"] for r in eval_rows if "hellaswag_acc" in r}
 
 
 @two_ranks
