@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None):
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     stop_on_sigterm()
     state = State(plan.run_dir)
-    state.data.update(plan_table=table, estimates=estimates)
+    state.data.update(plan_table=table, estimates=estimates, started_unix=time.time())  # the report's timeline
     state.save()
     for stage in stages:  # 5
         decision = decisions[stage.name]

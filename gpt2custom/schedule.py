@@ -162,7 +162,10 @@ def run_graph(order: list[str], reads: dict[str, tuple], run: Callable[[str], No
             elif isinstance(error, failures):
                 out.failed = (name, str(error))
                 stop(interrupted=False)
-            else:
+            else:  # a bug, not a stage's failure: still nothing keeps running behind the traceback
+                stop(interrupted=False)
+                for thread in running.values():
+                    thread.join()
                 raise error
     except (KeyboardInterrupt, SystemExit):
         out.stopped = list(running)

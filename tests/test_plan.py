@@ -25,8 +25,10 @@ ORDER = list(pl.STAGES)
 
 
 def test_reads_match_the_plan_stages():
-    stages = pl.Plan(SimpleNamespace(**_options())).stages()
+    plan = pl.Plan(SimpleNamespace(**_options()))
+    stages = plan.stages()
     assert [s.name for s in stages] == ORDER
+    assert plan.selected(None, "chat_data") == ["data", "chat_data"]  # the no-GPU part, on a machine without one
     assert {s.name: tuple(s.reads) for s in stages} == {k: READS[k] for k in ORDER}
 
 
