@@ -215,6 +215,10 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
         assert (a / rel_path).exists(), rel_path
     report = json.loads((a / "report.json").read_text())
     assert {k: v["status"] for k, v in report["stages"].items()} == dict.fromkeys(pl.STAGES, "done")
+    # chat_data ran beside data (gpt2custom/schedule.py): both timelines in the report, overlapping
+    timeline = {r["stage"]: r for r in report["estimate_vs_measured"]["rows"]}
+    assert timeline["chat_data"]["start_s"] < timeline["data"]["end_s"]
+    assert timeline["pretrain"]["start_s"] >= timeline["data"]["end_s"]  # pretraining reads the data
     # each record holds the effective settings: the stage's own config file merged under the pipeline's keys
     sft_file = yaml.safe_load((REPO / "configs/sft-smoke.yaml").read_text())
     sft_record = json.loads((a / "records" / "sft.json").read_text())
