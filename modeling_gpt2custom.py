@@ -157,11 +157,14 @@ def _chunked_linear_cross_entropy(
         logits = (h @ weight.t()).to(acc_dtype)
         valid = (t != -100).unsqueeze(1)
         t = t.clamp(min=0).unsqueeze(1)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        loss = loss + ((lse - logits.gather(1, t)) * valid).sum()
+        target_logits = logits.gather(1, t)
+        # logsumexp by hand, in place: torch.logsumexp would hold a second (chunk × V) fp32 buffer
+        top = logits.amax(dim=-1, keepdim=True)
+        total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+        loss = loss + ((top + total.log() - target_logits) * valid).sum()
         if grad_hidden_needed or grad_weight_needed:
-            # d(sum of losses)/d(logits) = softmax − one-hot, in place: one chunk-sized buffer, not three
-            grad = logits.sub_(lse).exp_().scatter_add_(1, t, -valid.to(acc_dtype)).mul_(valid).to(dtype)
+            # d(sum of losses)/d(logits) = softmax − one-hot, still in the one chunk-sized buffer
+            grad = logits.div_(total).scatter_add_(1, t, -valid.to(acc_dtype)).mul_(valid).to(dtype)
             if grad_hidden_needed:
                 grad_hidden[start : start + chunk_size] = grad @ weight
             if grad_weight_needed:

@@ -442,14 +442,14 @@ def logits_bytes(opts: BenchTrainOptions, config: GPT2CustomConfig) -> dict[str,
       the upcast (freed when the loss returns): 2 + 4 + 4 = 10 again (fp32 training: 4 + 4 + 0);
     - backward, at the log-softmax node: the saved log-softmax (4) + nll's dense gradient (4) + the gradient of the
       upcast logits (4) = 12, with every saved activation of the blocks still held: this is the step's peak.
-    The chunked loss (`ours`), c = `loss_chunk_tokens` (4096): per chunk fp32 logits (4) + exp (4) + their product
-    with the mask (4), and the previous chunk's logits and gradient (4 + 4) stay alive until their names are
-    reassigned: about 16 bytes × c × V while it runs (12 × B·T × V when one chunk holds all the tokens), all of it
-    freed before backward starts.
+    The chunked loss (`ours`), c = `loss_chunk_tokens` (4096): one chunk's logits in fp32 (4), made from the bf16
+    matmul's output (2, alive while it is converted), then turned in place into softmax − one-hot, whose bf16 copy
+    (2) feeds the gradient matmuls: about 6 bytes × c × V while it runs (4 in fp32 training), all of it freed before
+    backward starts.
     """
     n = opts.micro_batch_size * opts.seq_len * config.vocab_size
     chunk = min(opts.loss_chunk_tokens or GPT2CustomForCausalLM.loss_chunk_tokens, opts.micro_batch_size * opts.seq_len)
-    per_logit = 16 if chunk < opts.micro_batch_size * opts.seq_len else 12  # one chunk: no previous one alive
+    per_logit = 4 if opts.precision == "fp32" else 6
     return {"logits": n, "logits_path": 12 * n, "chunked": per_logit * chunk * config.vocab_size, "chunk": chunk}
 
 
@@ -516,7 +516,7 @@ def print_report(opts: BenchTrainOptions, config: GPT2CustomConfig, results: dic
             f"\nlogits: B·T·V = {opts.micro_batch_size}·{opts.seq_len}·{config.vocab_size} = {b['logits']:,}; the "
             f"logits path holds about 12 bytes per logit at its peak (bf16 2 + fp32 upcast 4 + saved log-softmax 4 "
             f"in the forward, then accelerate's fp32 copy 4; backward: saved log-softmax 4 + nll grad 4 + logits grad "
-            f"4) = {b['logits_path'] / 2**30:.2f} GiB; the chunked loss about 16·c·V with c = {b['chunk']} = "
+            f"4) = {b['logits_path'] / 2**30:.2f} GiB; the chunked loss about 6·c·V with c = {b['chunk']} = "
             f"{b['chunked'] / 2**30:.2f} GiB (formula: `logits_bytes` in bench/bench_train.py)"
         )
         for name in ("ours_logits", "hf"):
