@@ -28,6 +28,7 @@ from .checkpoints import export_gpt2
 from .files import model_tokenizer
 from .formatting import fmt_count, fmt_dollars, fmt_seconds
 from .tokenizer import EOT_ID
+from .training import MUON_VERDICT
 
 HANDLER_FILE = Path(__file__).resolve().parents[1] / "handler.py"
 # Installed by Inference Endpoints when the image is built: the remote code uses the 5.2x cache and mask APIs,
@@ -343,6 +344,9 @@ curl $ENDPOINT_URL -H "Authorization: Bearer $HF_TOKEN" -H "Content-Type: applic
 {%- else %}
 No run summary was found next to the checkpoint.
 {% endif %}
+{%- if optimizer %}
+Optimizer: {{ optimizer }}. {{ muon_verdict }}
+{% endif %}
 {%- if datasets %}
 Data: {% for d in datasets %}[{{ d }}](https://huggingface.co/datasets/{{ d }}){% if not loop.last %}, {% endif %}{% endfor %}.
 {% endif %}
@@ -502,6 +506,8 @@ def write_model_card(
         dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
         training_rows=training_rows(training),
         hyperparameters=hyperparameters,
+        optimizer=(training.get("config") or {}).get("optimizer"),
+        muon_verdict=MUON_VERDICT,
         eval_rows=eval_rows,
         eval_headers=eval_headers,
         hellaswag_scored="acc (completion)" in eval_headers,

@@ -92,3 +92,16 @@ def test_muon_under_an_fsdp_launch_is_refused_at_start_up(shards, tmp_path, monk
     with pytest.raises(SystemExit, match="optimizer=muon with an FSDP launch is not supported"):
         pretrain.main(argv(shards, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_model_card_names_the_optimizer_and_the_measured_muon_verdict_in_its_training_section(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from gpt2custom.hub import write_model_card
+    from gpt2custom.training import MUON_VERDICT
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    card = str(write_model_card(folder, model_id="me/tiny", training={"tokens": 65536, "config": {"optimizer": "muon"}}))
+    training = card.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    assert f"Optimizer: muon. {MUON_VERDICT}" in training
