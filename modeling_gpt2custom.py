@@ -297,7 +297,7 @@ class GPT2CustomModel(GPT2CustomPreTrainedModel):
 
 class GPT2CustomForCausalLM(GPT2CustomPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
-    loss_chunk_tokens = 4096  # skip_logits: tokens per chunk (4096 × 50304 fp32 logits = 0.8 GB at a time)
+    loss_chunk_tokens = 1024  # skip_logits: tokens per chunk (1024 × 50304 fp32 logits = 0.2 GB at a time)
 
     def __init__(self, config: GPT2CustomConfig):
         super().__init__(config)

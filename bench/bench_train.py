@@ -135,7 +135,7 @@ class BenchTrainOptions:
         },
     )
     loss_chunk_tokens: int | None = field(
-        default=None, metadata={"help": "tokens per chunk of our skip_logits loss; default the model's (4096)"}
+        default=None, metadata={"help": "tokens per chunk of our skip_logits loss; default the model's (1024)"}
     )
     isolate: bool = field(
         default=False,
@@ -442,7 +442,7 @@ def logits_bytes(opts: BenchTrainOptions, config: GPT2CustomConfig) -> dict[str,
       the upcast (freed when the loss returns): 2 + 4 + 4 = 10 again (fp32 training: 4 + 4 + 0);
     - backward, at the log-softmax node: the saved log-softmax (4) + nll's dense gradient (4) + the gradient of the
       upcast logits (4) = 12, with every saved activation of the blocks still held: this is the step's peak.
-    The chunked loss (`ours`), c = `loss_chunk_tokens` (4096): one chunk's logits in fp32 (4), made from the bf16
+    The chunked loss (`ours`), c = `loss_chunk_tokens` (1024): one chunk's logits in fp32 (4), made from the bf16
     matmul's output (2, alive while it is converted), then turned in place into softmax − one-hot, whose bf16 copy
     (2) feeds the gradient matmuls: about 6 bytes × c × V while it runs (4 in fp32 training), all of it freed before
     backward starts.

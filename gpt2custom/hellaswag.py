@@ -284,8 +284,12 @@ def score_endings(model, tokenizer, examples: list[dict], convention: str = "com
     rendered = render(examples, tokenizer, convention)
     device = next(model.parameters()).device
     limit = max_context(model)
-    for r in rendered:  # keep each example within the context window: drop the oldest context tokens
-        overflow = len(r.context) + max(map(len, r.endings)) - limit
+    for i, r in enumerate(rendered):  # keep each example within the context window: drop the oldest context tokens
+        longest = max(map(len, r.endings))
+        if longest >= limit:  # not even one context token would be left to predict its first token from
+            raise ValueError(f"HellaSwag example {i} (ind {examples[i].get('ind')}): an ending of {longest} tokens "
+                             f"does not fit the model's context of {limit} tokens with its context")  # fmt: skip
+        overflow = len(r.context) + longest - limit
         if overflow > 0:
             r.context = r.context[overflow:]
     logprob = torch.zeros(len(rendered), NUM_ENDINGS, dtype=torch.float64, device=device)

@@ -138,6 +138,14 @@ def test_contexts_longer_than_the_model_window_keep_their_latest_tokens(examples
     assert scores.predictions().tolist() == ref_preds
 
 
+def test_an_ending_longer_than_the_model_window_is_one_error_naming_the_example(examples, tokenizer):
+    """Not an IndexError from deep in the scorer: the context would be cut to nothing (seen with a 32-token model)."""
+    model = make_tiny_model(block_size=8)
+    long = dict(examples[0], endings=[" ".join(["word"] * 12)] * 4)
+    with pytest.raises(ValueError, match=r"HellaSwag example 0 \(ind .*\): an ending of 12 tokens does not fit .* 8 tokens"):
+        score_endings(model, tokenizer, [long], "completion")
+
+
 def test_stock_gpt2_export_scores_like_the_original(examples, tokenizer, tmp_path):
     model = make_tiny_model(seed=2)
     export_gpt2(model, tmp_path / "export", tokenizer)

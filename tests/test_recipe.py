@@ -220,7 +220,7 @@ def recipe_data(tmp_path_factory, real_text):
 
     root = tmp_path_factory.mktemp("recipe")
     text_shards(root, real_text[:200_000])
-    lines = [ln.strip() for ln in real_text.splitlines() if len(ln.split()) >= 4][:80]
+    lines = [ln.strip() for ln in real_text.splitlines() if 4 <= len(ln.split()) <= 6 and len(ln) < 40][:80]  # fit T=32
     rows = [{"ind": i, "activity_label": "Reading", "ctx_a": lines[i], "ctx_b": "", "ctx": lines[i],
              "endings": lines[20 + i : 24 + i], "label": i % 4, "split": "val", "split_type": "indomain",
              "source_id": f"r~{i}"} for i in range(12)]  # fmt: skip
