@@ -56,6 +56,7 @@ from gpt2custom.evaluation import (
     run_lm_eval,
     write_json,
 )
+from gpt2custom.files import model_tokenizer
 from gpt2custom.hellaswag import (
     CONVENTIONS,
     HUB_DATASET,
@@ -114,10 +115,7 @@ def tokenizer_for(model_name: str, override: str | None):
     """The model folder's tokenizer; our offline GPT-2 tokenizer for a folder saved without one."""
     if override:
         return load_tokenizer(override)
-    folder = Path(model_name)
-    if folder.is_dir() and not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return load_tokenizer()
-    return load_tokenizer(model_name)
+    return model_tokenizer(model_name)  # GPT-2's for a folder saved without tokenizer files
 
 
 def lm_eval_include_paths(args: EvalArgs) -> list[str]:

@@ -57,10 +57,11 @@ from gpt2custom.data import (
     stdlib_corpus,
     write_shard,
 )
+from gpt2custom.files import DATA_BUILDERS
 
 DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
 DEFAULT_SOURCE_CONFIG = "sample-10BT"
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_BUILDERS = {s: DATA_BUILDERS[s] for s in (".txt", ".jsonl", ".json", ".parquet")}  # gpt2custom.files' map
 PROGRESS = ".progress.json"
 DOCS_PER_READ = 16
 CHARS_PER_BATCH = 1 << 18  # the work unit of one process

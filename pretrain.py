@@ -39,6 +39,7 @@ from gpt2custom.chat import add_chat_format
 from gpt2custom.checkpoints import import_gpt2, save_model_folder
 from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, load_manifest, read_shard
 from gpt2custom.distributed import shutdown
+from gpt2custom.files import write_atomic
 from gpt2custom.fsdp import block_parameter_counts, enable_fsdp_on_cpu, fsdp_requested, local_tensor
 from gpt2custom.metrics import detect_gpu, flops_per_token
 from gpt2custom.plots import plot_training
@@ -493,9 +494,7 @@ class Pretrainer:
 
 
 def atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 def main(argv=None):

@@ -15,10 +15,9 @@ metric and harness version. ``local_task_file`` points a stock task definition a
 tests), overriding only where the data comes from.
 """
 
+import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .files import DATA_BUILDERS, write_atomic, write_json_atomic
 from .hellaswag import CONVENTIONS, inference_autocast, max_context
 
 # -------------------------------------------------------------------------------------------------- perplexity
@@ -183,7 +183,7 @@ def local_task_file(folder: "str | Path", task: str, data_file: "str | Path") ->
         raise ValueError(f"local data for task {task!r}: known for {sorted(STOCK_TASKS)}; for another task write a "
                          "YAML that includes lm-eval's own and pass its folder as --include_path")
     data_file = Path(data_file).resolve()
-    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    builders = {s: DATA_BUILDERS[s] for s in (".jsonl", ".json", ".csv", ".parquet")}
     if not data_file.is_file() or data_file.suffix not in builders:
         raise ValueError(f"local data for task {task!r}: {data_file} is not a {'/'.join(builders)} file")
     stock = STOCK_TASKS[task]
@@ -278,13 +278,7 @@ METRIC_COLUMNS = [(f"hellaswag_{c}", m) for c in CONVENTIONS for m in ("acc", "a
 
 def write_json(path: "str | Path", payload: dict):
     """Write through a temporary file and rename, so a crash never leaves a truncated results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
 
 
 def score_columns(results: list[dict]) -> list[tuple[str, str, str]]:
@@ -357,10 +351,7 @@ def plot_comparison(results: list[dict], path: "str | Path"):
     ax.set_title("Zero-shot accuracy (HellaSwag by convention; lm-evaluation-harness tasks)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())

@@ -38,6 +38,7 @@ from datasets.packaged_modules.parquet.parquet import Parquet
 from datasets.utils.file_utils import xopen
 
 from .chat import ROLES
+from .files import DATA_BUILDERS
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ DEFAULT_DATASET = "argilla/magpie-ultra-v1.0"
 MESSAGES_COLUMNS = ("messages", "conversation")  # ours and TRL's; magpie-ultra's
 QUALITY_LEVELS = ("very poor", "poor", "average", "good", "excellent")
 DIFFICULTY_LEVELS = ("very easy", "easy", "medium", "hard", "very hard")
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_BUILDERS = {s: DATA_BUILDERS[s] for s in (".jsonl", ".json", ".parquet")}  # gpt2custom.files' map
 USED_COLUMNS = (*MESSAGES_COLUMNS, "quality", "difficulty", "guard", "rejection")  # all that the filters read
 SPLIT_FILE = "sft_split.json"
 LONG_CONVERSATIONS = ("drop", "truncate")

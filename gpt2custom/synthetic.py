@@ -29,6 +29,8 @@ import httpx2
 from huggingface_hub import DatasetCard, DatasetCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+from .files import DATA_BUILDERS, FILE_MODE
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-405B-Instruct"
@@ -149,6 +151,7 @@ class JsonlStore:
             f.writelines(encode_row(row) for row in rows)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp's 0600 would hide the data set from other users
         os.replace(tmp, self.path)
 
     def append(self, row: dict):
@@ -356,7 +359,7 @@ def load_prompts(source: str, column: str = "prompt", config: str | None = None,
     else:
         from datasets import load_dataset
 
-        builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+        builders = {s: DATA_BUILDERS[s] for s in (".jsonl", ".json", ".csv", ".parquet")}
         if path.suffix in builders:
             if not path.exists():
                 raise ValueError(f"--prompts {source}: no such file")
