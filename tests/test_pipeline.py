@@ -232,6 +232,10 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
         row = next(line for line in md.splitlines() if line.startswith(f"| {stage} |"))
         assert re.search(r"\d+ s|\d+\.\d+ min", row.split("|")[5]), row
     assert "instead of FineWeb-Edu" in md and "dry-run folder" in md
+    # every file the project writes is readable by others (0644), as a plain open() makes it: no mkstemp 0600
+    hidden = [str(p.relative_to(a)) for p in a.rglob("*") if p.suffix in (".json", ".jsonl", ".png", ".md")
+              and p.stat().st_mode & 0o044 != 0o044]
+    assert not hidden, hidden
     # the samples: model answers beside the chat data's reference, and whether SFT trained on the prompt
     samples = json.loads((a / "chat" / "samples.json").read_text())["samples"]
     rows = [json.loads(line) for line in (a / "chat_data" / "chat.jsonl").read_text().splitlines()]
