@@ -66,18 +66,30 @@ def critical_path(times: dict[str, tuple[float, float]], reads: dict[str, tuple]
 
 def stop_children(grace_s: float = 10.0):
     """SIGTERM to every process under this one (each running stage's whole tree), SIGKILL to what is left after
-    `grace_s`."""
+    `grace_s`. It waits without reaping: a stage's own `subprocess` call must collect its child's exit status (reaped
+    here, it would read "exit 0" and record an interrupted stage as finished)."""
     import psutil  # accelerate's own dependency
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def wait(procs):
+        deadline = time.monotonic() + grace_s
+        while (procs := [p for p in procs if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return procs
 
     tree = psutil.Process(os.getpid()).children(recursive=True)
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for p in alive:
+    for p in wait(tree):
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    psutil.wait_procs(alive, timeout=grace_s)
+    wait(tree)
 
 
 class Outcome:
