@@ -378,8 +378,9 @@ def real_text() -> str:
 
 
 # The longest files first (measured): with `--dist loadfile` the two workers then finish close together.
-LONGEST_FIRST = ["test_pipeline.py", "test_recipe.py", "test_sft.py", "test_fsdp.py", "test_pretrain.py",
-                 "test_multinode.py", "test_hellaswag.py", "test_synthetic.py", "test_data.py", "test_train_step.py"]
+LONGEST_FIRST = ["test_pipeline.py", "test_recipe.py", "test_fsdp.py", "test_sft.py", "test_pretrain.py",
+                 "test_muon.py", "test_chunked_loss.py", "test_multinode.py", "test_hellaswag.py", "test_synthetic.py",
+                 "test_hub_datasets.py", "test_data.py", "test_lmeval.py", "test_train_step.py", "test_chat_eval.py"]
 
 
 def pytest_collection_modifyitems(items):
