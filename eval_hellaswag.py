@@ -24,7 +24,7 @@ arc_easy acc 43.8, arc_challenge acc_norm 22.7, piqa acc 62.9, winogrande acc 51
 Outputs in --out_dir: eval_results.json ({"hellaswag": {split, n, limit, source}, "lm_eval": {version, num_fewshot,
 limit, tasks: {task: {dataset, dataset_name, split, n, task_version}}}, "results": [{"model",
 "hellaswag_completion": {acc, acc_norm}, "hellaswag_harness": {...}, "lm_eval": {task: {acc, acc_stderr, ...}},
-"perplexity": {dataset, loss, ppl, tokens}}]}), eval_results.png (bar chart), and the table on stdout.
+"perplexity": {dataset, loss, ppl, tokens}}]}), eval_results.png (accuracy bars beside perplexity bars), and the table on stdout.
 
     python eval_hellaswag.py --models runs/gpt2-124m/final openai-community/gpt2 --limit 1000
     python eval_hellaswag.py --models runs/gpt2-124m/final --perplexity data/fineweb-edu-10B --perplexity_max_tokens 1000000
@@ -218,9 +218,9 @@ def main(argv=None):
             **({"lm_eval": lm_eval_info} if args.tasks else {}),
             "results": results,
         })
-        plot_comparison(results, out_dir / "eval_results.png")
+        charted = plot_comparison(results, out_dir / "eval_results.png")
         print(results_table(results))
-        print(f"wrote {out_dir / 'eval_results.json'} and {out_dir / 'eval_results.png'}")
+        print(f"wrote {out_dir / 'eval_results.json'}" + (f" and {out_dir / 'eval_results.png'}" if charted else ""))
     shutdown(accelerator)  # every rank ends its process group in order: none can hang at exit
 
 

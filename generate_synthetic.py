@@ -41,6 +41,7 @@ from huggingface_hub import AsyncInferenceClient, create_repo
 from tqdm.auto import tqdm
 from trl import TrlParser
 
+from gpt2custom.files import exclusive_lock
 from gpt2custom.synthetic import (
     DEFAULT_MODEL,
     INSTRUCTION_TEMPLATE,
@@ -55,7 +56,6 @@ from gpt2custom.synthetic import (
     clean_instruction,
     dataset_card,
     estimated_cost,
-    exclusive_lock,
     file_counts,
     instruction_rejection,
     load_prompts,

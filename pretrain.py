@@ -39,7 +39,7 @@ from gpt2custom.chat import add_chat_format
 from gpt2custom.checkpoints import import_gpt2, save_model_folder
 from gpt2custom.data import ShardLoader, iter_eval_batches, list_shards, load_manifest, read_shard
 from gpt2custom.distributed import shutdown
-from gpt2custom.files import write_atomic
+from gpt2custom.files import exclusive_lock, write_atomic
 from gpt2custom.fsdp import block_parameter_counts, enable_fsdp_on_cpu, fsdp_requested, local_tensor
 from gpt2custom.metrics import detect_gpu, flops_per_token
 from gpt2custom.plots import plot_training
@@ -497,10 +497,21 @@ def atomic_write(path: Path, text: str):
     write_atomic(path, text)
 
 
+def output_lock(output_dir: str):
+    """Rank 0 holds the output folder for the whole run (read before any process group exists: a launcher's RANK,
+    none in one process), so a second pretrain.py on the same folder, a doubled job or a restart while the first still
+    runs, stops with one line instead of both writing checkpoints there. The kernel frees it when rank 0 exits."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(output_dir, "another --output_dir")
+
+
 def main(argv=None):
-    trainer = None
+    trainer = lock = None
     try:
         (args,) = TrlParser((PretrainArgs,)).parse_args_and_config(argv)
+        lock = output_lock(args.output_dir)
         trainer = Pretrainer(args)
         preempted = trainer.train()
     except Exception as e:
@@ -519,6 +530,8 @@ def main(argv=None):
     finally:
         if trainer is not None:
             trainer.notice.uninstall()
+        if lock is not None:
+            lock.close()
     trainer.train_model = None  # the DDP wrapper: its reducer must go before the process group
     shutdown(trainer.accelerator)
     if preempted:

@@ -18,6 +18,7 @@ tests), overriding only where the data comes from.
 import io
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,20 +147,24 @@ DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande",
 
 @dataclass(frozen=True)
 class StockTask:
-    """Where lm-eval keeps a default task's definition, which split it scores, and what picking at random scores."""
+    """Where lm-eval keeps a default task's definition, which split it scores, what picking at random scores, and the
+    columns of the Hub dataset its prompts read."""
 
     yaml: str  # relative to lm_eval/tasks
     split: str
     chance: float | None  # accuracy of a random pick; None for tasks without a fixed number of choices
+    columns: tuple[str, ...]
 
 
 STOCK_TASKS = {
-    "hellaswag": StockTask("hellaswag/hellaswag.yaml", "validation", 0.25),
-    "arc_easy": StockTask("arc/arc_easy.yaml", "test", 0.25),  # a few ARC questions have 3 or 5 choices
-    "arc_challenge": StockTask("arc/arc_challenge.yaml", "test", 0.25),
-    "piqa": StockTask("piqa/piqa.yaml", "validation", 0.5),
-    "winogrande": StockTask("winogrande/default.yaml", "validation", 0.5),
-    "lambada_openai": StockTask("lambada/lambada_openai.yaml", "test", None),
+    "hellaswag": StockTask("hellaswag/hellaswag.yaml", "validation", 0.25,
+                           ("activity_label", "ctx_a", "ctx_b", "endings", "label")),
+    # a few ARC questions have 3 or 5 choices
+    "arc_easy": StockTask("arc/arc_easy.yaml", "test", 0.25, ("question", "choices", "answerKey")),
+    "arc_challenge": StockTask("arc/arc_challenge.yaml", "test", 0.25, ("question", "choices", "answerKey")),
+    "piqa": StockTask("piqa/piqa.yaml", "validation", 0.5, ("goal", "sol1", "sol2", "label")),
+    "winogrande": StockTask("winogrande/default.yaml", "validation", 0.5, ("sentence", "option1", "option2", "answer")),
+    "lambada_openai": StockTask("lambada/lambada_openai.yaml", "test", None, ("text",)),
 }
 ACCURACY_METRICS = ("acc", "acc_norm")
 
@@ -187,6 +192,7 @@ def local_task_file(folder: "str | Path", task: str, data_file: "str | Path") ->
     if not data_file.is_file() or data_file.suffix not in builders:
         raise ValueError(f"local data for task {task!r}: {data_file} is not a {'/'.join(builders)} file")
     stock = STOCK_TASKS[task]
+    check_task_columns(task, data_file, builders[data_file.suffix], stock.columns)
     config = {
         "include": str(Path(lm_eval.tasks.__file__).parent / stock.yaml),
         "task": task,
@@ -203,6 +209,26 @@ def local_task_file(folder: "str | Path", task: str, data_file: "str | Path") ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")  # JSON is YAML
     return path
+
+
+def check_task_columns(task: str, data_file: Path, builder: str, columns: tuple[str, ...]):
+    """The first row of ``data_file`` has every column lm-eval's ``task`` reads (streamed: one row is read), so a file
+    in another layout is one line now, not a template error once the model has loaded."""
+    from datasets import load_dataset
+
+    if data_file.stat().st_size == 0:
+        raise ValueError(f"local data for task {task!r}: {data_file} has no rows")
+    try:
+        first = next(iter(load_dataset(builder, data_files=str(data_file), split="train", streaming=True)), None)
+    except Exception as e:  # the builder's own parse error, whatever its type
+        raise ValueError(f"local data for task {task!r}: {data_file} cannot be read as {builder}: "
+                         f"{type(e).__name__}: {e}") from None
+    if first is None:
+        raise ValueError(f"local data for task {task!r}: {data_file} has no rows")
+    missing = [c for c in columns if c not in first]
+    if missing:
+        raise ValueError(f"local data for task {task!r}: {data_file} lacks the column(s) {missing} that lm-eval's "
+                         f"{task} reads (expected {list(columns)}, the Hub dataset's; it has {sorted(first)})")
 
 
 def task_manager(tasks: list[str], include_path=None):
@@ -323,21 +349,42 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(results: list[dict], path: "str | Path"):
-    """A grouped bar chart of every accuracy (HellaSwag by convention, lm-eval's tasks), one bar per model in each
-    group, with each group's chance level drawn across it."""
+def plot_comparison(results: list[dict], path: "str | Path") -> bool:
+    """The comparison chart: every accuracy (HellaSwag by convention, lm-eval's tasks) as grouped bars, one bar per
+    model with each group's chance level drawn across it, and beside it each model's perplexity on the held-out
+    tokens. A panel is drawn only for scores some model has; with neither, no file is written and False returned."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = [c for c in score_columns(results) if c[2] in ACCURACY_METRICS]
+    scored = [r for r in results if r.get("perplexity")]
+    if not columns and not scored:
+        return False
+    widths = ([max(4.0, 1.2 + 1.8 * len(columns))] if columns else []) + ([3.0 + 0.9 * len(results)] if scored else [])
+    fig, axes = plt.subplots(1, len(widths), figsize=(max(6.5, sum(widths)), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    axes = list(axes[0])
+    colours = {r["model"]: f"C{i}" for i, r in enumerate(results)}  # one colour per model in both panels
+    if columns:
+        plot_accuracy(axes.pop(0), results, columns, colours)
+    if scored:
+        plot_perplexity(axes.pop(0), scored, colours)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, png.getvalue())
+    return True
+
+
+def plot_accuracy(ax, results: list[dict], columns: list[tuple[str, str, str]], colours: dict):
     width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(columns), 4.5))
     for i, r in enumerate(results):
         xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(columns))]
         ys = [100 * (score_of(r, key, metric) or 0.0) for _, key, metric in columns]
-        bars = ax.bar(xs, ys, width, label=r["model"])
+        bars = ax.bar(xs, ys, width, label=r["model"], color=colours[r["model"]])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     labelled = False
     for j, (_, key, _) in enumerate(columns):
@@ -348,10 +395,18 @@ def plot_comparison(results: list[dict], path: "str | Path"):
             labelled = True
     ax.set_xticks(range(len(columns)), [label.replace(" ", "\n") for label, _, _ in columns])
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Zero-shot accuracy (HellaSwag by convention; lm-evaluation-harness tasks)")
+    ax.set_title("Zero-shot accuracy\n(HellaSwag by convention; lm-evaluation-harness tasks)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(path, png.getvalue())
+
+
+def plot_perplexity(ax, scored: list[dict], colours: dict):
+    ppl = [r["perplexity"]["ppl"] for r in scored]
+    bars = ax.bar(range(len(scored)), ppl, 0.6, color=[colours[r["model"]] for r in scored])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(scored)), ["/".join(Path(r["model"]).parts[-2:]) for r in scored], fontsize=8,
+                  rotation=15)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_xlim(-0.9, len(scored) - 0.1)  # one model's bar stays a bar, not a wall
+    first = scored[0]["perplexity"]
+    where = textwrap.shorten(str(first.get("dataset") or "held-out tokens"), 60, placeholder="...")
+    ax.set_title(f"Perplexity on {where}\n({first.get('tokens', 0):,} tokens)", fontsize=10)

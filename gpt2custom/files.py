@@ -1,6 +1,7 @@
-"""Small file helpers every script shares: atomic writes with the usual permissions, and the datasets builder for a
-local data file's suffix."""
+"""Small file helpers every script shares: atomic writes with the usual permissions, the datasets builder for a
+local data file's suffix, and the lock that keeps two runs out of one output."""
 
+import fcntl
 import json
 import os
 import tempfile
@@ -20,6 +21,36 @@ def builder_for(path: "str | Path", allowed: "tuple[str, ...] | None" = None) ->
     if suffix not in suffixes:
         raise ValueError(f"{path}: expected a {'/'.join(suffixes)} file")
     return DATA_BUILDERS[suffix]
+
+
+class Lock:
+    """An flock held on an open file or folder until close() or the end of the process, however it ends."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def exclusive_lock(path: "str | Path", other: str = "another --output") -> Lock:
+    """Hold `path` for the life of the returned Lock, so that two runs never write the same output (each would
+    overwrite the other's files, or pay for its prompts). `path` is a lock file (created), or an existing folder,
+    locked as it is: nothing is written into it. `other` says how to give the second run an output of its own."""
+    path = Path(path)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another run holds {path}: wait for it to finish, or give this one {other}") from None
+    return Lock(fd)
 
 
 def write_atomic(path: "str | Path", data: "str | bytes", mode: int = FILE_MODE) -> Path:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .synthetic import JsonlStore, RetryPolicy, ask_with_retries, exclusive_lock, token_totals
+from .files import exclusive_lock
+from .synthetic import JsonlStore, RetryPolicy, ask_with_retries, token_totals
 
 ORDERS = ("model_first", "baseline_first")
 OUTCOMES = ("win", "tie", "loss")
@@ -186,7 +187,7 @@ class PairwiseJudge:
     def __init__(self, files: JudgeFiles, *, model: str, policy: RetryPolicy, verdict_attempts: int = 3,
                  concurrency: int = 8, seed: int = 0, **params):
         files.verdicts.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = exclusive_lock(files.lock)
+        self.lock = exclusive_lock(files.lock, "another --output_dir")
         self.verdicts = JsonlStore(files.verdicts, key=verdict_key)
         self.failed = JsonlStore(files.failed, key=verdict_key, truncate=True)
         self.model, self.policy, self.verdict_attempts = model, policy, verdict_attempts

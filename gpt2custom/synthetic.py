@@ -11,7 +11,6 @@ Guarantees the generator builds on:
 
 import asyncio
 import email.utils
-import fcntl
 import hashlib
 import json
 import logging
@@ -166,18 +165,6 @@ class JsonlStore:
 
     def close(self):
         os.close(self._fd)
-
-
-def exclusive_lock(path: "str | Path"):
-    """Hold `path` (a lock file) for the life of the returned file object, so that two runs never write the same
-    output (each would pay for the other's prompts). The kernel drops the lock when the process dies."""
-    handle = open(path, "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ValueError(f"another run holds {path}: wait for it to finish, or give it another --output") from None
-    return handle
 
 
 def encode_row(row: dict) -> bytes:

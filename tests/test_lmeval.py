@@ -135,11 +135,16 @@ def test_script_writes_lm_eval_scores_to_results_chart_and_model_card(tmp_path, 
 @pytest.mark.parametrize("task_data, message", [
     ("arc_easy={missing}", "is not a .jsonl/.json/.csv/.parquet file"),
     ("piqa={missing}", "expected TASK=FILE with TASK one of --tasks ['arc_easy']"),
+    # HellaSwag rows given as ARC: lm-eval would fail on its prompt template only after the model loaded
+    ("arc_easy={hellaswag}", "lacks the column(s) ['question', 'choices', 'answerKey'] that lm-eval's arc_easy reads"),
+    ("arc_easy={empty}", "has no rows"),
 ])
 def test_bad_task_data_is_one_clear_error_before_any_model_loads(tmp_path, task_data, message):
-    missing = tmp_path / "nowhere.jsonl"
+    files = {"missing": tmp_path / "nowhere.jsonl", "hellaswag": tmp_path / "hs.jsonl", "empty": tmp_path / "e.jsonl"}
+    write_jsonl(files["hellaswag"], make_examples("A short line of text for the context.\n" * 20, n=3))
+    files["empty"].write_text("")
     with pytest.raises(SystemExit) as exit_:
         eval_hellaswag.main(["--models", str(tmp_path / "no_model"), "--conventions", "none", "--tasks", "arc_easy",
-                             "--task_data", task_data.format(missing=missing), "--out_dir", str(tmp_path / "out")])
+                             "--task_data", task_data.format(**files), "--out_dir", str(tmp_path / "out")])
     assert str(exit_.value.code).startswith("eval_hellaswag.py: error: ") and message in str(exit_.value.code)
     assert "\n" not in str(exit_.value.code) and not (tmp_path / "out" / "eval_results.json").exists()

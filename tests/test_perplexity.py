@@ -129,3 +129,12 @@ def test_comparison_outputs(tmp_path):
     plot_comparison(results, tmp_path / "r.png")
     assert_png(tmp_path / "r.png", series=2)  # one bar colour per model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]  # no temporary files left
+
+
+def test_a_run_with_perplexity_only_charts_it_and_a_run_without_scores_writes_no_chart(tmp_path):
+    # the smoke pipeline's evaluation: no HellaSwag, no lm-eval task, one model's perplexity on the val shards
+    ours = {"model": "runs/smoke/pretrain/final", "perplexity": {"dataset": "runs/smoke/data", "loss": 4.89,
+                                                                  "ppl": 132.9, "tokens": 20000}}
+    assert plot_comparison([ours], tmp_path / "ppl.png") is True
+    assert_png(tmp_path / "ppl.png", min_width=700, series=1)  # an axis of its own, not an empty 240 px box
+    assert plot_comparison([{"model": "m"}], tmp_path / "none.png") is False and not (tmp_path / "none.png").exists()

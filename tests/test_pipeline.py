@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, assert_png
 from gpt2custom import pipeline as pl
 from gpt2custom.estimate import estimate
 from gpt2custom.report import sft_tokens
@@ -213,6 +213,7 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
     assert commands_run(first.stdout) == list(pl.STAGES)  # every command is printed before it runs
     for rel_path in STAGE_OUTPUTS:
         assert (a / rel_path).exists(), rel_path
+    assert_png(a / "evaluate/eval_results.png", min_width=700)  # no HellaSwag here: the perplexity bar, not an empty box
     report = json.loads((a / "report.json").read_text())
     assert {k: v["status"] for k, v in report["stages"].items()} == dict.fromkeys(pl.STAGES, "done")
     # chat_data ran beside data (gpt2custom/schedule.py): both timelines in the report, overlapping

@@ -363,6 +363,26 @@ def test_a_fresh_run_in_a_used_folder_is_one_line_refusal(shards, straight_run, 
     assert tree_bytes(out) == before
 
 
+def test_a_second_start_on_a_folder_in_use_is_one_line_and_writes_nothing(shards, straight_run, tmp_path, capsys):
+    import pretrain as script
+    from gpt2custom.files import exclusive_lock
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    (out / "run_summary.json").unlink()  # unfinished: without the lock this start would resume and write
+    before = tree_bytes(out)
+    first = exclusive_lock(out)  # the run still going (an flock held by another open file, as another process's is)
+    argv = ["--data_dir", str(shards), "--output_dir", str(out), *TINY_RUN, *STEPS]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    error = str(exit_info.value)
+    assert error == f"pretrain.py: another run holds {out}: wait for it to finish, or give this one another --output_dir"
+    assert tree_bytes(out) == before
+    first.close()
+    script.main(argv)  # free again: the run continues to its end
+    assert (out / "run_summary.json").exists()
+
+
 def test_device_syncs_only_on_logged_steps_and_when_something_runs(shards, tmp_path, monkeypatch):
     """log_interval 3 over 6 steps, and the checkpoint + validation of the last step: 2 logged steps and 1 step with
     work, so 3 waits for the device (the loop used to wait at every step as well: 8)."""

@@ -25,6 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import hf_raise_for_status
 
 from conftest import REPO, run_script, serve_json
+from gpt2custom.files import exclusive_lock
 from gpt2custom.synthetic import (
     Answer,
     FatalError,
@@ -33,7 +34,6 @@ from gpt2custom.synthetic import (
     RetryPolicy,
     dataset_card,
     describe_error,
-    exclusive_lock,
     file_counts,
     is_retryable,
     load_prompts,
