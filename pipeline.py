@@ -34,6 +34,7 @@ HellaSwag), `evaluate.compare_models` (more `--models`), `chat_data.source` (`sy
 usable rows fail the stage), `chat.prompts`, `publish.push` (false: a `--dry_run` folder).
 """
 
+import contextlib
 import json
 import resource
 import shutil
@@ -143,9 +144,14 @@ def parse_options(argv: list[str] | None) -> PipelineOptions:
 # ------------------------------------------------------------------------------------------------ 5. running
 
 
+HEARTBEAT_S = 2.0  # how often a running command's record notes that it still runs
+
+
 class State:
     """{run_dir}/pipeline_state.json: every command each stage ran, its wall and CPU time and exit status (the
-    report's measured times; interrupted attempts count as attempts)."""
+    report's measured times; interrupted attempts count as attempts). While a command runs its record's
+    `last_seen_unix` moves every HEARTBEAT_S, so a pipeline killed outright (SIGKILL, a lost machine) still leaves
+    the time its stage ran, to within that."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "pipeline_state.json"
@@ -154,12 +160,31 @@ class State:
 
     def attempt(self, stage: str, command: str) -> dict:
         # every key present from the start: another stage's thread may be saving the file meanwhile
-        record = {"command": command, "started": now(), "start_unix": time.time(), "wall_s": None, "cpu_s": None,
-                  "exit": None}
+        start = time.time()
+        record = {"command": command, "started": now(), "start_unix": start, "last_seen_unix": start, "wall_s": None,
+                  "cpu_s": None, "exit": None}
         with self.lock:
             self.data["stages"].setdefault(stage, {"attempts": []})["attempts"].append(record)
         self.save()
         return record
+
+    @contextlib.contextmanager
+    def beating(self, record: dict):
+        """While the block runs, `record["last_seen_unix"]` is brought up to date every HEARTBEAT_S."""
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(HEARTBEAT_S):
+                record["last_seen_unix"] = time.time()
+                self.save()
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def attempts(self, stage: str) -> list[dict]:
         return self.data["stages"].get(stage, {}).get("attempts", [])
@@ -209,7 +234,8 @@ def run_stage(plan: Plan, stage, decision, state: State, stages_by_name: dict):
         start, cpu, rc = time.perf_counter(), children_cpu_s(), None
         last = i == len(stage.commands) - 1
         try:
-            rc, stdout = execute(cmd, plan.logs / f"{stage.name}.log", stage.capture_stdin if last else None)
+            with state.beating(record):
+                rc, stdout = execute(cmd, plan.logs / f"{stage.name}.log", stage.capture_stdin if last else None)
         except BaseException:  # stopped (Ctrl-C, SIGTERM): the time it ran still counts in the report
             rc = "interrupted"
             raise

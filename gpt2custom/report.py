@@ -32,14 +32,22 @@ def read_json(path: Path):
         return None
 
 
+def attempt_wall_s(attempt: dict) -> float:
+    """A command's wall seconds; for one whose pipeline was killed outright (no end recorded), up to the last
+    heartbeat its pipeline wrote (pipeline.py's HEARTBEAT_S)."""
+    if attempt.get("wall_s") is not None:
+        return attempt["wall_s"]
+    return max(0.0, attempt.get("last_seen_unix", attempt["start_unix"]) - attempt["start_unix"])
+
+
 def stage_times(state: dict) -> dict[str, dict]:
-    """Per stage: wall seconds over its commands (an interrupted one counts up to where it stopped, when the
-    pipeline lived to record it), and how many were cut off (stopped or killed pipelines)."""
+    """Per stage: wall seconds over its commands (an interrupted one counts up to where it stopped; a killed one up
+    to its last heartbeat), and how many were cut off (stopped or killed pipelines)."""
     out = {}
     for name, record in (state.get("stages") or {}).items():
         attempts = record.get("attempts", [])
         out[name] = {
-            "wall_s": sum(a["wall_s"] for a in attempts if a.get("wall_s") is not None),
+            "wall_s": sum(attempt_wall_s(a) for a in attempts),
             "cpu_s": sum(a.get("cpu_s") or 0 for a in attempts),
             "commands": len(attempts),
             "interrupted": sum(a.get("wall_s") is None or a.get("exit") == "interrupted" for a in attempts),
@@ -398,8 +406,8 @@ def estimate_vs_measured(report: dict, state: dict) -> dict:
     since = state.get("started_unix") or 0.0
     spans = {}
     for name, record in (state.get("stages") or {}).items():
-        runs = [(a["start_unix"], a["start_unix"] + a["wall_s"]) for a in record.get("attempts", [])
-                if a.get("start_unix") and a["start_unix"] >= since and a.get("wall_s") is not None]
+        runs = [(a["start_unix"], a["start_unix"] + attempt_wall_s(a)) for a in record.get("attempts", [])
+                if a.get("start_unix") and a["start_unix"] >= since]
         if runs:
             spans[name] = (min(r[0] for r in runs), max(r[1] for r in runs))
     origin = min((a for a, _ in spans.values()), default=0.0)

@@ -304,6 +304,7 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
         assert proc.poll() is None and time.monotonic() < deadline, "SFT never reached the checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = time.time()
     proc.wait()
     assert not (b / "sft" / "trainer_state.json").exists()  # killed before SFT finished
     resumed = run_pipeline(config_b, "--until", "sft")
@@ -311,6 +312,13 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
     assert commands_run(resumed.stdout) == ["sft"]  # the copied records of the earlier stages still hold
     report_b = json.loads((b / "report.json").read_text())
     assert report_b["stages"]["sft"]["interrupted_commands"] == 1
+    # the killed attempt's time still counts, up to its pipeline's last heartbeat (every 2 s; 2 s more for a busy box)
+    killed, finished = json.loads((b / "pipeline_state.json").read_text())["stages"]["sft"]["attempts"]
+    assert killed["wall_s"] is None and finished["wall_s"] is not None
+    ran_s = killed_at - killed["start_unix"]
+    counted_s = killed["last_seen_unix"] - killed["start_unix"]
+    assert ran_s - 4.0 <= counted_s <= ran_s, (ran_s, counted_s)
+    assert report_b["stages"]["sft"]["wall_s"] == pytest.approx(finished["wall_s"] + counted_s, abs=1e-6)
     got, want = deterministic(report_b, until_sft=True), deterministic(report, until_sft=True)
     assert got.pop("sft_losses") == pytest.approx(want.pop("sft_losses"), rel=1e-5)
     assert got == want
