@@ -181,7 +181,6 @@ def unigram_loss(data_dir: str, max_tokens: int = 100_000_000) -> float:
 
 class Pretrainer:
     def __init__(self, args: PretrainArgs):
-        check_args(args)
         self.args = args
         self.out = Path(args.output_dir)
         cuda = torch.cuda.is_available()
@@ -511,6 +510,7 @@ def main(argv=None):
     trainer = lock = None
     try:
         (args,) = TrlParser((PretrainArgs,)).parse_args_and_config(argv)
+        check_args(args)  # before the lock, which makes the output folder: a refused start leaves nothing behind
         lock = output_lock(args.output_dir)
         trainer = Pretrainer(args)
         preempted = trainer.train()
