@@ -8,8 +8,7 @@ Not collected by pytest (the name does not start with test_). Run it from anywhe
     python tests/check_mutations.py --baseline ...   # also runs each selection on the unbroken copy (must pass)
 
 For each mutation: the repository's tracked files (`git ls-files`, their working-tree content) are copied to
-/tmp/mut-XXXX/main beside a link /tmp/mut-XXXX/shared -> the repo's ../shared (the data conftest finds at
-`REPO.parent / "shared"`), the mutation's replacement(s) are applied there, and the mutation's tests run in the copy:
+/tmp/mut-XXXX/main, the mutation's replacement(s) are applied there, and the mutation's tests run in the copy:
 `python -m pytest -q -x -p no:cacheprovider -p no:randomly --basetemp /tmp/mut-XXXX/tmp <tests>` with cwd and
 PYTHONPATH = the copy and OMP_NUM_THREADS=1. The working tree itself is never written.
 
@@ -35,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 DEFAULT_TIMEOUT = 600
 
 
@@ -431,6 +429,34 @@ MUTATIONS = [
         ("tests/test_hub_datasets.py::test_prepare_data_reads_only_the_configs_files_from_the_hub_and_from_a_snapshot",),
         "prepare_data.py reads every file of a Hub snapshot folder, whatever --source_config says",
     ),
+    Mutation(
+        "pretrain-no-output-lock", "pretrain.py",
+        '    return exclusive_lock(output_dir, "another --output_dir")\n',
+        "    return None\n",
+        ("tests/test_pretrain.py::test_a_second_start_on_a_folder_in_use_is_one_line_and_writes_nothing",),
+        "a second pretrain.py on a folder that a running one holds starts and writes into it",
+    ),
+    Mutation(
+        "task-data-columns-unchecked", "gpt2custom/evaluation.py",
+        "    check_task_columns(task, data_file, builders[data_file.suffix], stock.columns)\n",
+        "",
+        ("tests/test_lmeval.py::test_bad_task_data_is_one_clear_error_before_any_model_loads -k hellaswag",),
+        "--task_data in another layout fails only after the model loaded (lm-eval's template error)",
+    ),
+    Mutation(
+        "chart-without-perplexity", "gpt2custom/evaluation.py",
+        '    scored = [r for r in results if r.get("perplexity")]\n',
+        "    scored = []\n",
+        ("tests/test_perplexity.py::test_a_run_with_perplexity_only_charts_it_and_a_run_without_scores_writes_no_chart",),
+        "the comparison chart leaves out perplexity (the smoke run's chart had no bars at all)",
+    ),
+    Mutation(
+        "killed-attempt-time-lost", "gpt2custom/report.py",
+        '    return max(0.0, attempt.get("last_seen_unix", attempt["start_unix"]) - attempt["start_unix"])\n',
+        "    return 0.0\n",
+        ("tests/test_pipeline.py::test_pipeline_end_to_end_skip_change_and_resume",),
+        "a command whose pipeline was killed outright counts no time in the report",
+    ),
 ]
 
 
@@ -472,7 +498,7 @@ def tracked_files() -> list[str]:
 
 
 def make_copy(workdir: Path) -> Path:
-    """The tracked files' working-tree content under workdir/main, with workdir/shared -> the repo's ../shared."""
+    """The tracked files' working-tree content under workdir/main."""
     copy = workdir / "main"
     for name in tracked_files():
         source = REPO / name
@@ -481,8 +507,6 @@ def make_copy(workdir: Path) -> Path:
         target = copy / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target, follow_symlinks=False)
-    if SHARED.exists():
-        (workdir / "shared").symlink_to(SHARED.resolve(), target_is_directory=True)
     return copy
 
 
