@@ -4,8 +4,9 @@ The uploaded folder holds: model.safetensors, config.json with auto_map plus mod
 configuration_gpt2custom.py (loaded with trust_remote_code=True), generation_config.json (role markers stop
 generation), the tokenizer with the chat template, handler.py and requirements.txt for a custom Inference Endpoint,
 and README.md: a model card whose `model-index` holds eval_hellaswag.py's results (and eval_chat.py's judged win rate,
-`--chat_eval`) and whose training section shows run_summary.json (tokens, time, throughput, MFU, GPU, cost) when the
-checkpoint folder has one.
+`--chat_eval`) and whose training section shows the checkpoint folder's run_summary.json (pretrain.py's: tokens,
+time, throughput, MFU, GPU, cost; sft.py's: steps, tokens, time, data, settings), or `--training_json` (pipeline.py
+passes the whole journey's).
 
     python publish.py --model_dir runs/gpt2-124m/final --repo_id me/gpt2custom-124m --dry_run out/publish  # look first
     python publish.py --model_dir runs/gpt2-124m/final --repo_id me/gpt2custom-124m --eval_json eval.json \\
@@ -25,7 +26,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from trl import TrlParser
 
-from gpt2custom.hub import build_upload_folder, upload_folder
+from gpt2custom.hub import build_upload_folder, read_training_json, upload_folder
 
 
 @dataclass
@@ -50,6 +51,10 @@ class PublishArgs:
     chat_eval: str | None = field(
         default=None, metadata={"help": "eval_chat.py's chat_eval.json: judged win rate and examples on the card"}
     )
+    training_json: str | None = field(
+        default=None, metadata={"help": "the card's training section (a run summary); default: the model folder's "
+                                        "run_summary.json"}
+    )
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the model this one was fine-tuned from"})
     datasets: list[str] = field(default_factory=list, metadata={"help": "Hub ids of the training data sets"})
     tags: list[str] = field(default_factory=list, metadata={"help": "extra card tags"})
@@ -70,6 +75,8 @@ def main(argv=None):
         tags=args.tags,
     )
     try:
+        if args.training_json:
+            build["training"] = read_training_json(args.training_json)
         if args.dry_run:
             folder = build_upload_folder(args.model_dir, args.dry_run, **build)
             print(f"wrote {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))}); nothing uploaded")

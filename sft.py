@@ -13,7 +13,9 @@ files, tokenizer with `chat_template.jinja`, generation config) that loads with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`, plus `trainer_state.json` (the logged losses) and
 `eval_results.json`, and `sft_split.json`: how the train / held-out split was made (dataset, filters, eval_size,
 seed, held-out rows, a hash of the training rows) and what was dropped (no assistant turn, unsafe, filters, longer
-than max_length), which `eval_chat.py --model <folder>` reads to judge only held-out prompts. `--push_to_hub true --hub_model_id org/name` uploads it and replaces TRL's README with our card.
+than max_length), which `eval_chat.py --model <folder>` reads to judge only held-out prompts, and `run_summary.json`
+(steps, tokens, time, data, settings): the card's training section, which `publish.py --model_dir <folder>` shows.
+`--push_to_hub true --hub_model_id org/name` uploads it and replaces TRL's README with our card.
 
     accelerate launch sft.py --config configs/sft-124m.yaml                      # GPUs, bf16
     accelerate launch sft.py --config configs/sft-124m.yaml --dataset_name data/synthetic/llama405b.jsonl \\
@@ -38,6 +40,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 from gpt2custom.chat import load_chat_tokenizer, stop_token_ids
 from gpt2custom.checkpoints import load_model
 from gpt2custom.distributed import shutdown
+from gpt2custom.files import write_json_atomic
 from gpt2custom.hub import write_model_card
 from gpt2custom.sft_data import (
     DEFAULT_DATASET,
@@ -174,11 +177,15 @@ def run_summary(
     args: SFTConfig, state: TrainerState, script_args: SFTScriptArgs, model_args: ModelConfig, eval_metrics: dict,
     data: str | None = None,
 ) -> dict:
-    """What the model card shows about this run (`write_model_card`'s `training`); `data`: what it trained on, the
-    rows dropped and the conversations dropped or truncated for length (`describe_data`)."""
+    """What the model card shows about this run (`write_model_card`'s `training`), written to the output folder as
+    run_summary.json; `data`: what it trained on, the rows dropped and the conversations dropped or truncated for
+    length (`describe_data`)."""
     train_log = next((log for log in reversed(state.log_history) if "train_runtime" in log), {})
     tokens = next((log["num_tokens"] for log in reversed(state.log_history) if "num_tokens" in log), None)
+    losses = [log["loss"] for log in state.log_history if "loss" in log]
     return {
+        "SFT": (f"{state.global_step} steps from {model_args.model_name_or_path}"
+                + (f", final train loss {losses[-1]:.4f}" if losses else "")),
         "steps": state.global_step,
         "tokens": int(tokens) if tokens else None,
         "wall_time_s": train_log.get("train_runtime"),
@@ -283,6 +290,10 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
     if eval_metrics:
         trainer.save_metrics("eval", eval_metrics)
         state.print(f"held-out loss on assistant tokens: {eval_metrics['eval_loss']:.4f}")
+    summary = run_summary(training_args, trainer.state, script_args, model_args, eval_metrics,
+                          describe_data(record, record["lengths"]))
+    if state.is_main_process:  # the card's training section, for publish.py and the push below
+        write_json_atomic(Path(training_args.output_dir) / "run_summary.json", summary)
     state.print(f"saved {training_args.output_dir}")
 
     if training_args.push_to_hub:
@@ -293,8 +304,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
                 model_id=trainer.hub_model_id,
                 base_model=model_args.model_name_or_path if is_hub_id(model_args.model_name_or_path) else None,
                 datasets=[script_args.dataset_name] if is_hub_id(script_args.dataset_name) else [],
-                training=run_summary(training_args, trainer.state, script_args, model_args, eval_metrics,
-                                     describe_data(record, record["lengths"])),
+                training=summary,
                 eval_json=script_args.eval_json,
                 tags=("trl", "sft", "chat"),
             )

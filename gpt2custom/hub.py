@@ -536,6 +536,21 @@ def _generation_config(tokenizer, existing: GenerationConfig) -> GenerationConfi
     return config
 
 
+def read_training_json(path: "str | Path") -> dict:
+    """A run summary (pretrain.py's or sft.py's run_summary.json, the pipeline's card_training.json) for the card's
+    training section; one error naming the file if it is not a JSON object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such run summary") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object (a run summary), got {type(data).__name__}")
+    return data
+
+
 def build_upload_folder(
     model_dir: "str | Path",
     out_dir: "str | Path",
@@ -566,12 +581,8 @@ def build_upload_folder(
             f"{model_dir}/config.json: model_type {model_type!r}, expected {GPT2CustomConfig.model_type!r}"
         )
     eval_data = None if eval_json is None else _eval_renamed(eval_json, model_dir, repo_id)
-    summary = model_dir / "run_summary.json"
-    if training is None and summary.exists():
-        try:
-            training = json.loads(summary.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{summary}: not valid JSON ({e}); fix or remove it") from e
+    if training is None and (model_dir / "run_summary.json").exists():
+        training = read_training_json(model_dir / "run_summary.json")
 
     # The repo's own classes: the published model files are this checkout's, and the logits test checks they fit.
     model = GPT2CustomForCausalLM.from_pretrained(model_dir, dtype="auto")

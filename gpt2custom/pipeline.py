@@ -96,6 +96,7 @@ class Plan:
         self.publish_dir = Path(options.publish.get("dry_run") or self.run_dir / "publish")
         self.publish_record = self.run_dir / "publish.json"  # a push's repo and commit URL
         self.card_eval = self.run_dir / "card_eval.json"
+        self.card_training = self.run_dir / "card_training.json"
         self.logs = self.run_dir / "logs"
         # ---- the settings the estimates read (the scripts' defaults, their config files, the pipeline's keys)
         self.pretrain_settings = {**SCRIPT_DEFAULTS["pretrain"], **with_config_file(options.pretrain, "pretrain")}
@@ -151,6 +152,7 @@ class Plan:
         args.setdefault("repo_id", "your-name/gpt2custom-chat")
         args["model_dir"] = str(self.sft_dir)
         args["eval_json"] = str(self.card_eval)
+        args["training_json"] = str(self.card_training)
         if not self.o.publish.get("push"):
             args["dry_run"] = str(self.publish_dir)
         return args
@@ -266,7 +268,7 @@ class Plan:
         return Stage("publish", [script("publish.py") + flag_args(args)], output,
                      settings=self.portable({**args, "push": push}),
                      reads=("pretrain", "evaluate", "chat_data", "sft"),
-                     inputs=[rel(self.sft_dir), rel(self.card_eval)],
+                     inputs=[rel(self.sft_dir), rel(self.card_eval), rel(self.card_training)],
                      outputs=[f"https://huggingface.co/{args['repo_id']}" if push else rel(self.publish_dir)],
                      clear=[self.publish_record] if push else [self.publish_dir],
                      check=lambda: checks.check_files(output))

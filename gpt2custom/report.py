@@ -9,7 +9,7 @@ arithmetic) or "list price" (measured time x a typical price).
 
 The model card takes its numbers from the same collection (`prepare_publish`): the evaluation rows go to
 {run_dir}/card_eval.json (eval_hellaswag.py's format, which publish.py --eval_json reads) and the journey's
-figures to the SFT folder's run_summary.json (which publish.py shows as the card's training section).
+figures to {run_dir}/card_training.json (publish.py --training_json: the card's training section).
 """
 
 import json
@@ -347,10 +347,10 @@ PATH_KEYS = {"config", "model_name_or_path", "dataset_name", "output_dir", "data
 
 
 def card_hyperparameters(plan) -> dict:
-    """Both trainings' settings for the card, `pretrain.<key>` (pretrain.py's resolved config) and `sft.<key>` (the
-    SFT stage's effective settings), without the run's paths."""
+    """Both trainings' settings for the card, `pretrain.<key>` and `sft.<key>`, each script's resolved settings from
+    its own run_summary.json, without the run's paths."""
     pretrain = (read_json(plan.final_dir / "run_summary.json") or {}).get("config") or {}
-    sft = plan.stage_sft().settings
+    sft = (read_json(plan.sft_dir / "run_summary.json") or {}).get("config") or {}
     out = {f"pretrain.{k}": v for k, v in pretrain.items() if k not in PATH_KEYS}
     out.update({f"sft.{k}": v for k, v in sft.items() if k not in PATH_KEYS})
     return {k: v for k, v in out.items() if v is not None and not isinstance(v, dict | list)}
@@ -358,7 +358,9 @@ def card_hyperparameters(plan) -> dict:
 
 def prepare_publish(plan, state: dict):
     """The card's inputs, from the report's figures: {run_dir}/card_eval.json (this model's row first: its held-out
-    chat loss; then the base model and the compared models) and the SFT folder's run_summary.json (the journey)."""
+    chat loss; then the base model and the compared models) and {run_dir}/card_training.json (the journey: the
+    pretraining figures, the whole run's time and dollars, and what sft.py's own run_summary.json says of its data
+    and settings)."""
     report = collect(plan, state, {})
     m = {name: s["metrics"] for name, s in report["stages"].items()}
     rows = []
@@ -386,6 +388,7 @@ def prepare_publish(plan, state: dict):
         "val_loss": p.get("val_loss"),
         "hellaswag_acc_norm": p.get("hellaswag_acc_norm"),
         "Chat data": f"{cd.get('rows', '?')} conversations ({cd.get('kind')}: {cd.get('path')})",
+        "SFT data": (read_json(plan.sft_dir / "run_summary.json") or {}).get("SFT data"),
         "SFT": f"{sft.get('steps')} steps, {fmt_count(sft.get('tokens'))} tokens, final train loss "
                f"{sft.get('final_loss'):.4f}" if sft.get("final_loss") is not None else None,
         "Pipeline wall time, all stages so far": fmt_seconds(totals["wall_s"]),
@@ -393,7 +396,7 @@ def prepare_publish(plan, state: dict):
                       "(pipeline report.json)",
         "config": card_hyperparameters(plan),
     }
-    write_json_atomic(plan.sft_dir / "run_summary.json", summary)
+    write_json_atomic(plan.card_training, summary)
 
 
 # ------------------------------------------------------------------------------------------------ estimate vs measured
@@ -579,7 +582,7 @@ def render(report: dict) -> str:
     elif pb.get("files"):
         lines += [f"Dry run: `{pb['folder']}` ({len(pb['files'])} files: {', '.join(pb['files'])}), what "
                   f"`publish.py` would upload to `{pb['repo_id']}`; its model card takes these figures "
-                  "(card_eval.json, the SFT folder's run_summary.json).", ""]
+                  "(card_eval.json, card_training.json).", ""]
     lines += estimate_vs_measured_md(report.get("estimate_vs_measured"))
     if report.get("plan_table"):
         lines += ["## The plan, as the latest invocation printed it (estimated)", "", "```", report["plan_table"], "```", ""]

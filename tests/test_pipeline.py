@@ -250,6 +250,11 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
     sft = report["stages"]["sft"]["metrics"]
     assert f"{math.exp(sft['eval_loss']):.2f}" in card
     assert f"{report['stages']['pretrain']['metrics']['tokens']:,}" in card
+    # ... and SFT's part from sft.py's own run_summary.json, which the pipeline leaves as sft.py wrote it
+    own = json.loads((a / "sft" / "run_summary.json").read_text())
+    assert own["steps"] == sft["steps"] and own["SFT"].startswith(f"{sft['steps']} steps from ")
+    assert f"| SFT data | {own['SFT data']} |" in card
+    assert f"| `sft.learning_rate` | `{own['config']['learning_rate']}` |" in card
 
     # the published folder is a chat model
     tokenizer = AutoTokenizer.from_pretrained(a / "publish", trust_remote_code=True)
@@ -287,7 +292,7 @@ def test_pipeline_end_to_end_skip_change_and_resume(tmp_path):
     # killed in the middle of SFT (after a seeded checkpoint), then the same command: the same report up to SFT
     # (chat and publish only read SFT's output folder; the runs above cover them)
     b = tmp_path / "b"
-    shutil.copytree(a, b, ignore=shutil.ignore_patterns("sft", "chat", "publish", "report.*", "card_eval.json",
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("sft", "chat", "publish", "report.*", "card_*.json",
                                                         "sft_loss.png", "sft.json", "chat.json", "publish.json"))
     state = json.loads((b / "pipeline_state.json").read_text())
     for stage in ("sft", "chat", "publish"):

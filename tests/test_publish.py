@@ -225,6 +225,7 @@ def test_card_of_a_chat_model_without_hellaswag_or_decided_prompts(checkpoint, t
         (["--repo_id", "no-slash"], "expected org/name"),
         (["--model_dir", "/nonexistent/ckpt"], "no config.json"),
         (["--eval_json", "/nonexistent/eval.json"], "eval.json"),
+        (["--training_json", "/nonexistent/summary.json"], "/nonexistent/summary.json: no such run summary"),
     ],
 )
 def test_publish_refuses_bad_arguments_with_a_clear_message(checkpoint, tmp_path, extra, message):
