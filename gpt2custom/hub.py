@@ -539,15 +539,11 @@ def _generation_config(tokenizer, existing: GenerationConfig) -> GenerationConfi
 def read_training_json(path: "str | Path") -> dict:
     """A run summary (pretrain.py's or sft.py's run_summary.json, the pipeline's card_training.json) for the card's
     training section; one error naming the file if it is not a JSON object."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such run summary") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such run summary")
+    data, where = _load_json(path, "run summary", "the run summary")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object (a run summary), got {type(data).__name__}")
+        raise ValueError(f"{where}: expected a JSON object (a run summary), got {type(data).__name__}")
     return data
 
 

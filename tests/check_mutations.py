@@ -2,7 +2,7 @@
 
 Not collected by pytest (the name does not start with test_). Run it from anywhere:
 
-    python tests/check_mutations.py                  # every mutation, one after the other (~16 min on 2 cores)
+    python tests/check_mutations.py                  # every mutation, one after the other (~19 min on 2 cores)
     python tests/check_mutations.py --only lr-warmup-off-by-one init-residual-scale
     python tests/check_mutations.py --list           # the list, each checked against the current files
     python tests/check_mutations.py --baseline ...   # also runs each selection on the unbroken copy (must pass)
